@@ -1,0 +1,3 @@
+from ssql_deploy.cli import main
+
+main()

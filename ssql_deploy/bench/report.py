@@ -1,0 +1,140 @@
+"""The bench report: report.json (for gates and CI), report.md (for people), report.png (to look at)."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from ssql_deploy.run import write_text_atomic  # noqa: E402
+
+_STATUS_STYLE = {"ok": "green", "skipped": "yellow", "check failed": "red", "export failed": "red"}
+
+
+def bits_order(bits: str) -> tuple[int, int]:
+    """fp32 first, then by weight then activation bits, widest first."""
+    if not bits.startswith("w"):
+        return (99, 99)
+    w, a = bits[1:].split("a")
+    return (int(w), int(a))
+
+
+def baseline(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
+    """The FP32 row of the same runtime (PyTorch float for PyTorch, FP32 ONNX for everything else)."""
+    runtime = "torch" if row["runtime"] == "torch" else "onnxruntime"
+    for other in rows:
+        if other["bits"] == "fp32" and other["runtime"] == runtime and other["top1"] is not None:
+            return other
+    return None
+
+
+def speedup(rows: list[dict[str, Any]], row: dict[str, Any], batch: str) -> float | None:
+    base = baseline(rows, row)
+    if base is None or batch not in row["latency"] or batch not in base["latency"]:
+        return None
+    return base["latency"][batch]["p50_ms"] / row["latency"][batch]["p50_ms"]
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = report["rows"]
+    batches = sorted({b for r in rows for b in r["latency"]}, key=int)
+    header = ["name", "runtime", "bits", "top-1 %", "agree %"]
+    header += [f"p50 ms @{b}" for b in batches] + [f"img/s @{batches[-1]}" if batches else "img/s", "speed-up", "MB", "status"]
+    body = []
+    for r in rows:
+        last = batches[-1] if batches else None
+        cells = [r["name"], r["runtime"], r["bits"], _fmt(r["top1"], ".2f"), _fmt(r["agreement_with_torch"], ".1f")]
+        cells += [_fmt(r["latency"].get(b, {}).get("p50_ms"), ".2f") for b in batches]
+        cells += [_fmt(r["latency"].get(last, {}).get("images_per_s"), ".0f") if last else "-",
+                  _fmt(speedup(rows, r, last) if last else None, ".2f", "x"),
+                  _fmt(r["size_bytes"] / 1e6 if r["size_bytes"] else None, ".2f"), r["status"]]  # fmt: skip
+        body.append(cells)
+    return header, body
+
+
+def rich_table(report: dict[str, Any], title: str = "bench") -> Table:
+    header, body = table_rows(report)
+    table = Table(title=f"{title} ({report['env']['threads']} threads, {report['env']['cpu']})")
+    for col in header:
+        table.add_column(col, justify="left" if col in ("name", "runtime", "bits", "status") else "right")
+    for cells in body:
+        status = cells[-1]
+        style = next((s for k, s in _STATUS_STYLE.items() if status.startswith(k)), "")
+        table.add_row(*cells[:-1], f"[{style}]{status}[/]" if style else status)
+    return table
+
+
+def markdown(report: dict[str, Any]) -> str:
+    header, body = table_rows(report)
+    env = report["env"]
+    lines = [
+        "# ssql-deploy bench report", "",
+        f"Dataset `{env['data']}` (full test split unless a subset was asked for); latency p50/p90 over "
+        f"{env['runs']} timed runs after {env['warmup']} warm-up runs on fixed inputs, {env['threads']} threads, {env['cpu']}.",
+        "Speed-up is against the FP32 row of the same runtime at the largest batch; agreement is the share of test images "
+        "on which the artifact predicts the same class as its PyTorch model.", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+    ]  # fmt: skip
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    notes = [f"- {r['name']}: {n}" for r in report["rows"] for n in r.get("notes", []) if n]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _series(row: dict[str, Any]) -> tuple[str, ...]:
+    """Accuracy-plot lines a row belongs to; the FP32 ONNX row starts both ONNX Runtime lines."""
+    if row["runtime"] == "torch":
+        return ("PyTorch simulation",)
+    if row["runtime"] == "tensorrt":
+        return ("TensorRT",)
+    if row["bits"] == "fp32":
+        return ("ONNX Runtime", "ONNX Runtime, TensorRT layout")
+    return ("ONNX Runtime, TensorRT layout",) if row["name"].startswith("qdq-trt") else ("ONNX Runtime",)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    rows = [r for r in report["rows"] if r["top1"] is not None]
+    fig, (acc_ax, lat_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    order = sorted({r["bits"] for r in rows}, key=bits_order, reverse=True)
+    for label, marker in (("PyTorch simulation", "o"), ("ONNX Runtime", "s"), ("ONNX Runtime, TensorRT layout", "D"), ("TensorRT", "^")):
+        points = sorted((order.index(r["bits"]), r["top1"]) for r in rows if label in _series(r))
+        if points:
+            acc_ax.plot(*zip(*points, strict=True), marker=marker, label=label)
+    acc_ax.set_xticks(range(len(order)), order)
+    acc_ax.set_xlabel("bit-width")
+    acc_ax.set_ylabel("top-1 % (full test split)")
+    acc_ax.set_title("accuracy measured on each artifact")
+    acc_ax.grid(alpha=0.3)
+    acc_ax.legend()
+    batches = sorted({b for r in rows for b in r["latency"]}, key=int)
+    width = 0.8 / max(len(batches), 1)
+    for i, batch in enumerate(batches):
+        values = [r["latency"].get(batch, {}).get("p50_ms", 0.0) for r in rows]
+        lat_ax.bar([j + i * width for j in range(len(rows))], values, width, label=f"batch {batch}")
+    lat_ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(rows))], [r["name"] for r in rows], rotation=30, ha="right")
+    lat_ax.set_yscale("log")
+    lat_ax.set_ylabel("p50 latency, ms (log)")
+    lat_ax.set_title(f"latency per runtime ({report['env']['threads']} threads)")
+    lat_ax.grid(alpha=0.3, axis="y")
+    lat_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
+    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths["md"], markdown(report))
+    plot(report, paths["png"])
+    return paths

@@ -1,0 +1,289 @@
+"""Write an FX-traced (fake-quant) model as an ONNX graph, Q/DQ placed exactly where its quantizers are.
+
+Why our own emitter rather than `torch.onnx.export`: the dynamo exporter cannot export
+fake-quant ops with a dynamic batch, neither exporter accepts quant ranges other than 7/8 bits,
+and the TorchScript exporter is on its way out (DEPLOY.md). Emitting from the FX graph gives a
+deterministic graph whose every Q/DQ pair maps to one named quantizer, which is what the parity
+check and the per-layer debugging need.
+
+Engine differences are small and explicit:
+- `ort`: BatchNorm folded into the convs, uint8 activations, int32 biases, low-bit activations as
+  Q -> Clip(integers) -> DQ, MaxPool run on the integers: the layout ORT fuses into integer kernels.
+  Weights may carry zero-point -1 (integers shifted by one, exact thanks to the narrow weight
+  range): ORT then runs QLinearConv through its QGEMM path, which uses AMX where the CPU has it,
+  instead of the VNNI-only symmetric-conv kernel that a zero-point of 0 selects.
+- `trt`: BatchNorm left for TensorRT to fuse, int8 only with zero-point 0, low-bit activations
+  as a float Clip before Q, float biases.
+"""
+
+import operator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import fx, nn
+
+from ssql_deploy.errors import UserError
+from ssql_deploy.quant.fold import bn_affine
+from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, QuantLinear
+
+Engine = Literal["ort", "trt"]
+ENGINES: tuple[Engine, ...] = ("ort", "trt")
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 17
+_ADD_OPS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclass(frozen=True)
+class _QInfo:
+    """The integer tensor behind a DequantizeLinear, so integer-domain ops can reuse it."""
+
+    name: str
+    scale: str
+    zero_point: str
+    scale_value: float
+
+
+@dataclass(frozen=True)
+class _Value:
+    name: str
+    q: _QInfo | None = None
+
+
+class _Emitter:
+    def __init__(self, gm: fx.GraphModule, engine: Engine, weight_zero_point: int) -> None:
+        self.gm = gm
+        self.engine = engine
+        self.weight_zero_point = weight_zero_point
+        self.fold_bn = engine == "ort"
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.env: dict[fx.Node, _Value] = {}
+        self.names: set[str] = set()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], base: str, **attrs: object) -> str:
+        out = self.fresh(base)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(str(node.target))
+
+    # -- graph walk ----------------------------------------------------------------------------
+    def run(self, input_shape: tuple[int, int, int]) -> onnx.GraphProto:
+        graph_input = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *input_shape])
+        self.names.add(INPUT_NAME)
+        outputs: list[onnx.ValueInfoProto] = []
+        for node in self.gm.graph.nodes:
+            if node in self.env:  # already produced (a BatchNorm folded into its conv)
+                continue
+            if node.op == "placeholder":
+                self.env[node] = _Value(INPUT_NAME)
+            elif node.op == "output":
+                (result,) = node.args
+                final = self.op("Identity", [self.env[result].name], OUTPUT_NAME)
+                outputs.append(helper.make_tensor_value_info(final, TensorProto.FLOAT, ["batch", None]))
+            elif node.op == "call_module":
+                self.env[node] = self.emit_module(node, self.module(node))
+            elif node.op == "call_function":
+                self.env[node] = self.emit_function(node)
+            else:
+                raise _unsupported(node)
+        self.prune({o.name for o in outputs})
+        return helper.make_graph(self.nodes, "ssql_deploy", [graph_input], outputs, self.inits)
+
+    def prune(self, outputs: set[str]) -> None:
+        """Drop nodes nothing consumes (a DQ bypassed by an integer MaxPool) and their constants."""
+        needed = set(outputs)
+        kept: list[onnx.NodeProto] = []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                kept.append(node)
+                needed.update(node.input)
+        self.nodes = kept[::-1]
+        self.inits = [i for i in self.inits if i.name in needed]
+
+    def arg(self, node: fx.Node, i: int = 0) -> _Value:
+        return self.env[node.args[i]]  # type: ignore[index]
+
+    def emit_module(self, node: fx.Node, m: nn.Module) -> _Value:
+        x = self.arg(node)
+        base = node.name
+        if isinstance(m, ActQuantizer):
+            return self.quantize(x, m, base)
+        if isinstance(m, nn.Conv2d):
+            return self.conv(node, m, x)
+        if isinstance(m, nn.BatchNorm2d):
+            return _Value(self.batch_norm(m, x.name, base))
+        if isinstance(m, nn.ReLU):
+            return _Value(self.op("Relu", [x.name], base))
+        if isinstance(m, nn.Identity):
+            return x
+        if isinstance(m, nn.MaxPool2d):
+            return self.max_pool(m, x, base)
+        if isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
+            return _Value(self.op("GlobalAveragePool", [x.name], base))
+        if isinstance(m, nn.Linear):
+            return _Value(self.linear(m, x, base))
+        raise _unsupported(node)
+
+    def emit_function(self, node: fx.Node) -> _Value:
+        if node.target in _ADD_OPS:
+            return _Value(self.op("Add", [self.arg(node, 0).name, self.arg(node, 1).name], node.name))
+        if node.target is torch.flatten and tuple(node.args[1:]) in ((1,), ()):
+            return _Value(self.op("Flatten", [self.arg(node).name], node.name, axis=1))
+        raise _unsupported(node)
+
+    # -- ops -----------------------------------------------------------------------------------
+    def quantize(self, x: _Value, q: ActQuantizer, base: str) -> _Value:
+        p = q.qparams()
+        scale, zp = float(p.scale), int(p.zero_point)
+        if self.engine == "trt":
+            if zp != 0:
+                raise ValueError(f"quantizer {base} has zero-point {zp}; TensorRT needs symmetric quantization")
+            dtype, lo, hi = np.int8, -128, 127
+        else:
+            dtype, lo, hi = (np.int8, -128, 127) if q.signed else (np.uint8, 0, 255)
+        scale_name = self.const(f"{base}_scale", np.array(scale, np.float32))
+        zp_name = self.const(f"{base}_zero_point", np.array(zp, dtype))
+        narrow = (p.qmin, p.qmax) != (lo, hi)
+        src = x.name
+        if narrow and self.engine == "trt":  # TensorRT wants float Clip -> Q (DEPLOY.md)
+            bounds = [self.const(f"{base}_clip_{k}", np.array((v - zp) * scale, np.float32)) for k, v in (("min", p.qmin), ("max", p.qmax))]
+            src = self.op("Clip", [src, *bounds], f"{base}_clip")
+        qname = self.op("QuantizeLinear", [src, scale_name, zp_name], f"{base}_q")
+        if narrow and self.engine == "ort":  # integer Clip between Q and DQ keeps ORT's fusion
+            bounds = [self.const(f"{base}_int_{k}", np.array(v, dtype)) for k, v in (("min", p.qmin), ("max", p.qmax))]
+            qname = self.op("Clip", [qname, *bounds], f"{base}_qclip")
+        dq = self.op("DequantizeLinear", [qname, scale_name, zp_name], f"{base}_dq")
+        return _Value(dq, _QInfo(qname, scale_name, zp_name, scale))
+
+    def conv(self, node: fx.Node, m: nn.Conv2d, x: _Value) -> _Value:
+        weight = m.weight.detach().float()
+        bias = m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_channels)
+        users = list(node.users)
+        bn = self.module(users[0]) if len(users) == 1 and users[0].op == "call_module" else None
+        fold = self.fold_bn and isinstance(bn, nn.BatchNorm2d)
+        gain = torch.ones(m.out_channels)
+        if fold:
+            assert isinstance(bn, nn.BatchNorm2d)
+            gain, shift = bn_affine(bn)
+            bias = bias * gain + shift
+        base = node.name
+        inputs = [x.name]
+        if isinstance(m, QuantConv2d) and m.weight_quantizer.enabled:
+            ints = m.weight_quantizer.integers(weight)
+            scale = m.weight_quantizer.scale(weight).float().clone()
+            # Folding BN scales each output channel: per-channel integers survive up to the sign.
+            live = gain.abs() > 1e-12
+            scale[live] = scale[live] * gain[live].abs()
+            ints = ints * torch.where(live, gain.sign(), torch.zeros_like(gain)).reshape(-1, 1, 1, 1)
+            inputs.append(self.dequantized_weight(ints, scale, base))
+            if self.engine == "ort" and x.q is not None:
+                inputs.append(self.int32_bias(bias, scale * x.q.scale_value, base))
+            else:
+                inputs.append(self.const(f"{base}_bias", bias.numpy()))
+        else:
+            inputs.append(self.const(f"{base}_weight", (weight * gain.reshape(-1, 1, 1, 1)).numpy()))
+            inputs.append(self.const(f"{base}_bias", bias.numpy()))
+        out = self.op(
+            "Conv", inputs, base,
+            kernel_shape=list(m.kernel_size), strides=list(m.stride), dilations=list(m.dilation),
+            pads=[*_pair(m.padding), *_pair(m.padding)], group=m.groups,
+        )  # fmt: skip
+        if fold:
+            self.env[users[0]] = _Value(out)
+        return _Value(out)
+
+    def dequantized_weight(self, ints: torch.Tensor, scale: torch.Tensor, base: str) -> str:
+        zp = self.weight_zero_point
+        w = self.const(f"{base}_weight_int", (ints.numpy() + zp).astype(np.int8))
+        s = self.const(f"{base}_weight_scale", scale.numpy().astype(np.float32))
+        z = self.const(f"{base}_weight_zero_point", np.full(len(scale), zp, np.int8))
+        return self.op("DequantizeLinear", [w, s, z], f"{base}_weight_dq", axis=0)
+
+    def int32_bias(self, bias: torch.Tensor, scale: torch.Tensor, base: str) -> str:
+        scale = scale.clamp_min(1e-30)
+        ints = torch.round(bias / scale).clamp(-(2**31), 2**31 - 1).numpy().astype(np.int32)
+        b = self.const(f"{base}_bias_int", ints)
+        s = self.const(f"{base}_bias_scale", scale.numpy().astype(np.float32))
+        z = self.const(f"{base}_bias_zero_point", np.zeros(len(scale), np.int32))
+        return self.op("DequantizeLinear", [b, s, z], f"{base}_bias_dq", axis=0)
+
+    def batch_norm(self, m: nn.BatchNorm2d, x: str, base: str) -> str:
+        assert m.running_mean is not None and m.running_var is not None
+        params = [
+            self.const(f"{base}_{k}", t.detach().float().numpy())
+            for k, t in (("scale", m.weight), ("bias", m.bias), ("mean", m.running_mean), ("var", m.running_var))
+        ]
+        return self.op("BatchNormalization", [x, *params], base, epsilon=float(m.eps))
+
+    def max_pool(self, m: nn.MaxPool2d, x: _Value, base: str) -> _Value:
+        attrs = dict(
+            kernel_shape=list(_pair(m.kernel_size)), strides=list(_pair(m.stride)),
+            pads=[*_pair(m.padding), *_pair(m.padding)], ceil_mode=int(m.ceil_mode),
+        )  # fmt: skip
+        if self.engine == "ort" and x.q is not None:  # max commutes with the monotone Q: stay integer
+            pooled = self.op("MaxPool", [x.q.name], f"{base}_int", **attrs)
+            dq = self.op("DequantizeLinear", [pooled, x.q.scale, x.q.zero_point], f"{base}_dq")
+            return _Value(dq, _QInfo(pooled, x.q.scale, x.q.zero_point, x.q.scale_value))
+        return _Value(self.op("MaxPool", [x.name], base, **attrs))
+
+    def linear(self, m: nn.Linear, x: _Value, base: str) -> str:
+        weight = m.weight.detach().float()
+        if isinstance(m, QuantLinear) and m.weight_quantizer.enabled:
+            scale = m.weight_quantizer.scale(weight).float()
+            w = self.dequantized_weight(m.weight_quantizer.integers(weight), scale, base)
+        else:
+            w = self.const(f"{base}_weight", weight.numpy())
+        b = m.bias.detach().float().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32)
+        return self.op("Gemm", [x.name, w, self.const(f"{base}_bias", b)], base, transB=1)
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _unsupported(node: fx.Node) -> UserError:
+    return UserError(
+        f"the ONNX exporter does not support {node.op} {node.target!s} (node {node.name})",
+        "export works for the registry's ResNet backbones; see `ssql-deploy models`",
+    )
+
+
+def build_onnx(
+    gm: fx.GraphModule,
+    input_shape: tuple[int, int, int],
+    engine: Engine,
+    metadata: dict[str, str] | None = None,
+    opset: int = DEFAULT_OPSET,
+    weight_zero_point: int = 0,
+) -> onnx.ModelProto:
+    """An ONNX model with a dynamic batch dimension and all weights embedded."""
+    if weight_zero_point not in (0, -1) or (engine == "trt" and weight_zero_point != 0):
+        raise ValueError("weight_zero_point is 0, or -1 for the ort engine")
+    graph = _Emitter(gm, engine, weight_zero_point).run(input_shape)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ssql-deploy")
+    model.ir_version = min(model.ir_version, 10)
+    for key, value in (metadata or {}).items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+

@@ -1,0 +1,84 @@
+"""Does the exported graph compute what the PyTorch fake-quant model computes?
+
+Two views: the shipped, fully optimized ONNX Runtime session against PyTorch on the calibration
+images (top-1 agreement and logit deviation: what a user sees), and layer by layer, every
+quantized activation of the graph (run without ORT's fusions, i.e. plain Q/DQ semantics) against
+the same quantizer in PyTorch, in quantization steps: the per-layer debugging that fake-quant vs
+engine mismatches otherwise need by hand (TensorRT#4063).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from torch import fx
+
+from ssql_deploy.export.onnx_graph import INPUT_NAME
+from ssql_deploy.export.ort_session import make_session
+from ssql_deploy.quant.placement import act_quantizers, quantizer_name
+
+MIN_AGREEMENT = 99.0
+
+
+def _torch_outputs(gm: fx.GraphModule, images: Sequence[torch.Tensor]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    captured: dict[str, list[np.ndarray]] = {}
+    hooks = [
+        q.register_forward_hook(lambda _m, _i, out, name=name: captured.setdefault(name, []).append(out.detach().numpy()))
+        for name, q in act_quantizers(gm).items()
+    ]
+    gm.eval()
+    try:
+        with torch.no_grad():
+            logits = np.concatenate([gm(x).numpy() for x in images])
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, {name: np.concatenate(parts) for name, parts in captured.items()}
+
+
+def _with_debug_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    debug = onnx.ModelProto()
+    debug.CopyFrom(model)
+    produced = {o for n in debug.graph.node for o in n.output}
+    for name in names:
+        if name in produced:
+            debug.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return debug
+
+
+def check_parity(gm: fx.GraphModule, model: onnx.ModelProto, images: Sequence[torch.Tensor], threads: int | None = None) -> dict[str, Any]:
+    ref_logits, ref_acts = _torch_outputs(gm, images)
+    shipped = make_session(model.SerializeToString(), threads)
+    logits = np.concatenate([shipped.run(None, {INPUT_NAME: x.numpy()})[0] for x in images])
+    agreement = 100.0 * float(np.mean(logits.argmax(1) == ref_logits.argmax(1)))
+
+    quantizers = act_quantizers(gm)
+    dq_names = {f"{quantizer_name(p)}_dq": p for p in quantizers}
+    debug = _with_debug_outputs(model, list(dq_names))
+    session = make_session(debug.SerializeToString(), threads, optimize=False)
+    output_names = [o.name for o in session.get_outputs()]
+    per_layer: dict[str, dict[str, float]] = {}
+    for i, x in enumerate(images):
+        for name, value in zip(output_names, session.run(None, {INPUT_NAME: x.numpy()}), strict=True):
+            point = dq_names.get(name)
+            if point is None:
+                continue
+            start = sum(len(images[j]) for j in range(i))
+            ref = ref_acts[point][start : start + len(x)]
+            steps = np.abs(value - ref) / float(quantizers[point].qparams().scale)
+            row = per_layer.setdefault(point, {"max_steps": 0.0, "mismatched": 0.0, "elements": 0.0})
+            row["max_steps"] = max(row["max_steps"], float(np.round(steps.max(), 3)))
+            row["mismatched"] += float((steps > 0.5).sum())
+            row["elements"] += float(steps.size)
+    layers = {p: {"max_steps": r["max_steps"], "mismatch_fraction": r["mismatched"] / max(r["elements"], 1)} for p, r in per_layer.items()}
+    return {
+        "images": int(sum(len(x) for x in images)),
+        "top1_agreement": agreement,
+        "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
+        "max_step_deviation": max((r["max_steps"] for r in layers.values()), default=0.0),
+        "per_layer": layers,
+        "passed": agreement >= MIN_AGREEMENT,
+    }

@@ -1,0 +1,98 @@
+"""Linear probe and full fine-tuning, in one process or under torchrun, resumable after kill -9.
+
+Linear mode follows the SSQL/SimSiam linear evaluation: the backbone is frozen *and kept in eval
+mode* (BatchNorm statistics do not move), only a freshly initialised fc trains.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssql_deploy.data import eval_transform, get_spec, load_split, num_classes, train_transform
+from ssql_deploy.data.loaders import make_loader
+from ssql_deploy.distributed import DistInfo, init_distributed, shutdown_distributed
+from ssql_deploy.errors import UserError
+from ssql_deploy.evaluate import shard
+from ssql_deploy.finetune.loop import BEST, LAST, Schedule, fit_classifier
+from ssql_deploy.models import ResNet, create_model, pick_stem
+from ssql_deploy.models.checkpoint import import_weights, load_checkpoint
+from ssql_deploy.models.trained import ModelMeta, model_payload
+from ssql_deploy.progress import console
+from ssql_deploy.recipe import FinetuneRecipe
+from ssql_deploy.run import resolve_checkpoint, write_manifest
+
+STAGE = "finetune"
+# Where a run directory's weights live, most specific first; later stages use the same list.
+CHECKPOINT_CANDIDATES = (f"{STAGE}/{BEST}", "pretrain/backbone.pt", "pretrain/last.pt")
+
+
+def _prepare_model(recipe: FinetuneRecipe, meta: ModelMeta, dist: DistInfo) -> tuple[ResNet, dict[str, Any] | None]:
+    model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
+    report = None
+    if recipe.ckpt is not None:
+        path = resolve_checkpoint(recipe.ckpt, CHECKPOINT_CANDIDATES)
+        key_report = import_weights(load_checkpoint(path), model, meta.arch)
+        if dist.is_main:
+            console.print(key_report.table())
+        report = key_report.as_dict() | {"path": str(path)}
+    if recipe.mode == "linear":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.fc = nn.Linear(model.num_features, meta.num_classes)
+        nn.init.normal_(model.fc.weight, std=0.01)
+        nn.init.zeros_(model.fc.bias)
+    return model, report
+
+
+def _set_train_mode(model: ResNet, mode: str) -> None:
+    model.train()
+    if mode == "linear":  # frozen backbone: BatchNorm keeps its pretrained statistics
+        for name, module in model.named_children():
+            if name != "fc":
+                module.eval()
+
+
+def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]:
+    dist = init_distributed()
+    spec = get_spec(recipe.data)
+    size = recipe.input_size or spec.input_size
+    stem = pick_stem(size) if recipe.stem == "auto" else recipe.stem
+    meta = ModelMeta(recipe.arch, stem, num_classes(recipe.data, recipe.data_root), size, spec.name)
+    stage_dir = recipe.out / STAGE
+    assert recipe.epochs is not None and recipe.lr is not None and recipe.weight_decay is not None
+
+    train_set = load_split(recipe.data, "train", recipe.data_root, train_transform(size, spec.mean, spec.std), recipe.download, recipe.subset)
+    test_set = load_split(recipe.data, "test", recipe.data_root, eval_transform(size, spec.mean, spec.std), recipe.download, recipe.subset)
+    if len(train_set) < recipe.batch_size:  # type: ignore[arg-type]
+        raise UserError(
+            f"the training split has {len(train_set)} images, fewer than one batch of {recipe.batch_size}",  # type: ignore[arg-type]
+            "lower --batch-size or raise --subset",
+        )
+    train_loader = make_loader(train_set, recipe.batch_size, True, dist, recipe.workers, recipe.seed)
+    test_loader = make_loader(shard(test_set, dist), recipe.batch_size, False, DistInfo(), recipe.workers, recipe.seed)
+
+    torch.manual_seed(recipe.seed)
+    model, import_report = _prepare_model(recipe, meta, dist)
+    model.to(dist.device)
+    if recipe.sync_bn and dist.world_size > 1 and recipe.mode == "full":
+        if dist.device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on CPU processes", "drop --sync-bn")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    sched = Schedule(recipe.epochs, recipe.lr, recipe.schedule, recipe.milestones, recipe.warmup_epochs, recipe.seed, recipe.label_smoothing)
+
+    def payload(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
+        return model_payload(kind, model, meta, **extra)
+
+    metrics = fit_classifier(model, optimizer, (train_loader, test_loader), sched, dist, stage_dir, STAGE, payload,
+                             resume, lambda _epoch: _set_train_mode(model, recipe.mode))  # fmt: skip
+    if dist.is_main:
+        settings = recipe.model_dump(mode="json") | {"resolved_model": meta.as_dict()}
+        inputs = {"ckpt": Path(import_report["path"])} if import_report else {}
+        write_manifest(stage_dir, STAGE, inputs, settings, metrics | {"import": import_report},
+                       {"best": stage_dir / BEST, "last": stage_dir / LAST})  # fmt: skip
+    shutdown_distributed()
+    return metrics

@@ -1,0 +1,76 @@
+"""Trained models as files: the metadata that rebuilds a network, and loading one for later stages."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ssql_deploy.errors import UserError
+from ssql_deploy.models.checkpoint import FORMAT, FORMAT_VERSION, import_weights, is_own, load_checkpoint
+from ssql_deploy.models.registry import create_model
+from ssql_deploy.models.resnet import ResNet
+from ssql_deploy.run import resolve_checkpoint
+
+# Where a run directory keeps a classifier to quantize or measure, most specific first.
+TRAINED_CANDIDATES = ("finetune/best.pt", "finetune/last.pt")
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Enough to rebuild the network from a checkpoint with no recipe at hand."""
+
+    arch: str
+    stem: str
+    num_classes: int
+    input_size: int
+    data: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_checkpoint(cls, obj: dict[str, Any]) -> "ModelMeta":
+        return cls(*(obj[k] for k in ("arch", "stem", "num_classes", "input_size", "data")))
+
+
+def model_payload(kind: str, model: nn.Module, meta: ModelMeta, **extra: Any) -> dict[str, Any]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **meta.as_dict(), "model": model.state_dict(), **extra}
+
+
+def load_trained(path: Path, arch: str | None = None, data: str | None = None, input_size: int | None = None) -> tuple[ResNet, ModelMeta, Path]:
+    """A classifier from a run directory, one of our checkpoints, or (with --arch) a plain state dict.
+
+    Plain state dicts (torchvision, SSQL reference) carry no metadata: the class count is read
+    from the fc weight and the stem from conv1, so only the architecture must be named.
+    """
+    file = resolve_checkpoint(path, TRAINED_CANDIDATES)
+    obj = load_checkpoint(file)
+    if is_own(obj) and "arch" in obj:
+        meta = ModelMeta.from_checkpoint(obj)
+        model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
+        model.load_state_dict(_float_weights(obj["model"], model))
+        return model, meta, file
+    if arch is None or data is None:
+        raise UserError(
+            f"{file} is not an ssql-deploy checkpoint, so its architecture and dataset are unknown",
+            "pass --arch and --data, or fine-tune it first with `ssql-deploy finetune`",
+        )
+    sd = obj.get("state_dict", obj)
+    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
+    conv1 = sd.get("conv1.weight") if isinstance(sd, dict) else None
+    if fc is None or conv1 is None:
+        raise UserError(f"{file} has no classifier (fc.weight) to evaluate", "fine-tune it first with `ssql-deploy finetune`")
+    stem = "cifar" if conv1.shape[-1] == 3 else "imagenet"
+    meta = ModelMeta(arch, stem, int(fc.shape[0]), input_size or (32 if stem == "cifar" else 224), data)
+    model = create_model(arch, meta.num_classes, stem)  # type: ignore[arg-type]
+    report = import_weights(obj, model, arch)
+    if report.missing:
+        raise UserError(f"{file} lacks {len(report.missing)} tensors of {arch} (e.g. {report.missing[0]})", "pass the matching --arch")
+    return model, meta, file
+
+
+def _float_weights(sd: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The float network's tensors out of a (possibly fake-quant) state dict."""
+    wanted = set(model.state_dict())
+    return {k: v for k, v in sd.items() if k in wanted}

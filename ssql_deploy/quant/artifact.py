@@ -1,0 +1,120 @@
+"""Quantized models on disk: one file holds the float weights, the bit spec and every quantizer's state.
+
+A model quantized for simulation (the `ssql` layout) can be rebuilt in any other layout: the
+quantizers both layouts share keep their calibrated ranges or learned step sizes, and only the
+points a runtime adds (its input, the inputs of residual Adds) are calibrated afresh.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ssql_deploy.errors import UserError
+from ssql_deploy.models import ResNet, create_model
+from ssql_deploy.models.checkpoint import load_checkpoint, save_atomic
+from ssql_deploy.models.trained import ModelMeta, model_payload
+from ssql_deploy.quant.bits import BitSpec
+from ssql_deploy.quant.placement import Layout, act_quantizers, prepare, quantizer_name, weight_quantizers
+
+QUANT_FILE = "quantized.pt"
+
+
+def variant(bits: BitSpec | str, lsq: bool) -> str:
+    """How a quantized model is named in directories and reports: `w4a4`, or `w4a4-lsq` after QAT."""
+    return f"{bits}-lsq" if lsq else str(bits)
+
+
+def quant_dir(run_dir: Path, bits: BitSpec, lsq: bool = False) -> Path:
+    return run_dir / "quant" / variant(bits, lsq)
+
+
+def find_quantized(run_dir: Path, bits: BitSpec | None, lsq: bool = False) -> Path:
+    """The quantized model of a run directory, picked by bits (and --lsq) when it holds several."""
+    if run_dir.is_file():
+        return run_dir
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist", "pass the --out of an earlier `ssql-deploy quantize`")
+    if bits is not None:
+        path = quant_dir(run_dir, bits, lsq) / QUANT_FILE
+        if not path.is_file():
+            how = f"--bits {bits}" + (" --lsq --epochs N" if lsq else "")
+            raise UserError(f"{run_dir} has no {variant(bits, lsq)} model ({path} is missing)", f"run `ssql-deploy quantize {run_dir} {how}` first")
+        return path
+    found = sorted((run_dir / "quant").glob(f"*/{QUANT_FILE}"))
+    if not found:
+        raise UserError(f"{run_dir} holds no quantized model", f"run `ssql-deploy quantize {run_dir} --bits w8a8` first")
+    if len(found) > 1:
+        names = ", ".join(p.parent.name for p in found)
+        raise UserError(f"{run_dir} holds several quantized models ({names})", "pick one with --bits (and --lsq)")
+    return found[0]
+
+
+def quantized_payload(kind: str, gm: fx.GraphModule, meta: ModelMeta, **info: Any) -> dict[str, Any]:
+    points = {name: {"bits": q.bits, "signed": q.signed} for name, q in act_quantizers(gm).items()}
+    lsq = any(q.step is not None for q in act_quantizers(gm).values())
+    return model_payload(kind, gm, meta, bits=gm.quant_bits, layout=gm.quant_layout, points=points, lsq=lsq, **info)
+
+
+def save_quantized(path: Path, gm: fx.GraphModule, meta: ModelMeta, info: dict[str, Any]) -> None:
+    save_atomic(quantized_payload("quantized", gm, meta, **info), path)
+
+
+@dataclass
+class LoadedQuantized:
+    gm: fx.GraphModule  # the fake-quant model
+    float_model: ResNet  # the float network it wraps (parameters shared, plain convs)
+    meta: ModelMeta
+    saved: dict[str, Any]  # the checkpoint as stored
+    uncalibrated: set[str]  # points the saved layout did not have: they still need a range
+
+
+def load_quantized(path: Path, layout: Layout | None = None) -> LoadedQuantized:
+    """Rebuild a saved quantized model, in its own layout or another one."""
+    obj = load_checkpoint(path)
+    if obj.get("kind") not in ("quantized", "model", "trainer-state") or "points" not in obj:
+        raise UserError(f"{path} is not a quantized model (kind {obj.get('kind')!r})", "pass the output of `ssql-deploy quantize`")
+    meta = ModelMeta.from_checkpoint(obj)
+    model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
+    wanted = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in obj["model"].items() if k in wanted})
+    gm = prepare(model, layout or obj["layout"], BitSpec.parse(obj["bits"]))
+    missing = restore_quant_state(gm, obj["model"], obj["points"])
+    return LoadedQuantized(gm, model.eval(), meta, obj, missing)
+
+
+def init_lsq(gm: fx.GraphModule, rule: str | None, samples: dict[str, torch.Tensor] | None = None) -> None:
+    """Turn every scale into a learned step: from the calibrated ranges, or LSQ's own rule."""
+    for layer, wq in weight_quantizers(gm).items():
+        wq.init_lsq(gm.get_submodule(layer).weight, rule or "calibrated")
+    for point, q in act_quantizers(gm).items():
+        q.init_lsq(rule or "calibrated", (samples or {}).get(point))
+
+
+def restore_quant_state(gm: fx.GraphModule, sd: dict[str, torch.Tensor], saved: dict[str, dict[str, Any]]) -> set[str]:
+    """Copy ranges and learned steps into `gm`'s quantizers; return the points left uncalibrated."""
+    gains: dict[str, torch.Tensor] = getattr(gm, "fold_gains", {})
+    for layer, wq in weight_quantizers(gm).items():
+        step = sd.get(f"{layer}.weight_quantizer.step")
+        if step is not None:  # a folded conv's channels are scaled by |gain|, and so are their steps
+            gain = gains.get(layer)
+            wq.step = nn.Parameter(step.clone() * (gain.abs().clamp_min(1e-12) if gain is not None else 1.0))
+    missing = set()
+    for point, q in act_quantizers(gm).items():
+        key = quantizer_name(point)
+        if point not in saved:
+            missing.add(point)
+            continue
+        step = sd.get(f"{key}.step")
+        if step is None:
+            q.set_range(float(sd[f"{key}.lo"]), float(sd[f"{key}.hi"]))
+        elif (saved[point]["bits"], saved[point]["signed"]) == (q.bits, q.signed):
+            q.step = nn.Parameter(step.clone())
+        else:  # same clip range on another grid (8-bit unsigned re-expressed as signed int8)
+            qmax = 2 ** saved[point]["bits"] - 1 if not saved[point]["signed"] else 2 ** (saved[point]["bits"] - 1) - 1
+            hi = float(step.abs().reshape(())) * qmax
+            q.set_range(-hi if saved[point]["signed"] else 0.0, hi)
+        q.enabled = True
+    return missing

@@ -1,0 +1,275 @@
+"""Recipes: typed, validated configuration for each stage, loaded from YAML, overridden by CLI flags.
+
+Configuration is data, not code (torchao's configs-as-data): every recipe round-trips to the
+manifest as JSON, and an unknown key is an error that names the key and the valid ones, so a
+typo never silently falls back to a default.
+"""
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ssql_deploy.errors import UserError
+
+R = TypeVar("R", bound="Recipe")
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @classmethod
+    def build(cls: type[R], recipe_file: Path | None = None, **overrides: Any) -> R:
+        """The recipe file's values (if any), then every override that is not None."""
+        data: dict[str, Any] = load_yaml(recipe_file, cls) if recipe_file else {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return validate(cls, data, str(recipe_file) if recipe_file else "command line")
+
+
+def load_yaml(path: Path, cls: type[BaseModel]) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist", "check the path; recipes/ holds the shipped ones")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})", "fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of keys to values", "see recipes/ for examples")
+    kind = cls.model_fields.get("kind")
+    if kind is not None and "kind" in data and data["kind"] != kind.default:
+        raise UserError(f"recipe {path} is a {data['kind']!r} recipe, not {kind.default!r}", f"use it with `ssql-deploy {data['kind']}`")
+    return data
+
+
+def validate(cls: type[R], data: dict[str, Any], source: str) -> R:
+    unknown = sorted(set(data) - set(cls.model_fields))
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key {unknown[0]!r} for a {cls.__name__}",
+            f"valid keys: {', '.join(cls.model_fields)}",
+        )
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        flag = "--" + where.replace("_", "-") if source == "command line" else where
+        raise UserError(f"{source}: {flag}: {err['msg'][0].lower()}{err['msg'][1:]}", "fix that value (see `--help` for each option)") from None
+
+
+Mode = Literal["linear", "full"]
+Stem = Literal["auto", "cifar", "imagenet"]
+
+# SSQL reference settings (SSQL.md): linear eval 100 epochs, lr 30, wd 0, steps at 60/80;
+# full fine-tuning 50 epochs, lr 0.01, wd 1e-4, steps at 30/40.
+FINETUNE_DEFAULTS: dict[Mode, dict[str, Any]] = {
+    "linear": {"epochs": 100, "lr": 30.0, "weight_decay": 0.0, "milestones": [0.6, 0.8]},
+    "full": {"epochs": 50, "lr": 0.01, "weight_decay": 1e-4, "milestones": [0.6, 0.8]},
+}
+
+
+class DataRecipe(Recipe):
+    """Fields shared by every stage that reads a dataset."""
+
+    data: str = "fashion-mnist"
+    data_root: Path | None = None
+    download: bool = False
+    subset: int | None = Field(default=None, ge=1)
+    input_size: int | None = Field(default=None, ge=8)
+    workers: int = Field(default=2, ge=0)
+
+
+class FinetuneRecipe(DataRecipe):
+    kind: Literal["finetune"] = "finetune"
+    arch: str = "resnet18"
+    stem: Stem = "auto"
+    ckpt: Path | None = None
+    mode: Mode = "full"
+    epochs: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float | None = Field(default=None, ge=0)
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[float] | None = None  # fractions of the epochs at which lr drops 10x
+    warmup_epochs: int = Field(default=0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    sync_bn: bool = False
+    seed: int = 0
+    out: Path = Path("runs/finetune")
+
+    @model_validator(mode="after")
+    def _fill_mode_defaults(self) -> "FinetuneRecipe":
+        for key, value in FINETUNE_DEFAULTS[self.mode].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        return self
+
+
+def _bit_spec(value: str) -> str:
+    from ssql_deploy.quant.bits import BitSpec
+
+    return str(BitSpec.parse(value))
+
+
+class QuantizeRecipe(DataRecipe):
+    """Post-training quantization (and, with `lsq`, quantization-aware training) of a trained model."""
+
+    kind: Literal["quantize"] = "quantize"
+    source: Path
+    arch: str | None = None  # only for plain state dicts, which do not name their architecture
+    data: str | None = None  # default: the dataset the model was fine-tuned on
+    bits: str = "w8a8"
+    calib: Literal["minmax", "percentile", "mse", "entropy"] = "percentile"
+    percentile: float = Field(default=99.99, gt=50, le=100)
+    calib_size: int = Field(default=512, ge=1)
+    calib_dir: Path = Path("calib")
+    batch_size: int = Field(default=256, ge=1)
+    out: Path | None = None  # default: the source run directory
+    # LSQ quantization-aware training, seeded from the calibration above
+    lsq: bool = False
+    epochs: int | None = None
+    lr: float = Field(default=0.01, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    lsq_init: Literal["calibrated", "lsq"] = "calibrated"
+    freeze_bn_after: int | None = Field(default=None, ge=0)
+    train_steps_only: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _normalise_bits(self) -> "QuantizeRecipe":
+        self.bits = _bit_spec(self.bits)
+        if self.lsq and (self.epochs is None or self.epochs < 1):
+            raise UserError(f"LSQ needs --epochs of at least 1 (got {self.epochs})", "pass --epochs N, or drop --lsq for post-training quantization")
+        if not self.lsq and (self.epochs is not None or self.train_steps_only or self.freeze_bn_after is not None):
+            raise UserError("--epochs, --train-steps-only and --freeze-bn-after apply only to LSQ training", "add --lsq")
+        return self
+
+
+class ExportRecipe(Recipe):
+    kind: Literal["export"] = "export"
+    source: Path
+    bits: str | None = None  # which quantized model of the run; optional when it holds one
+    lsq: bool = False  # the LSQ-trained model of those bits rather than the PTQ one
+    engine: Literal["ort", "trt"] = "ort"
+    ort_kernel: Literal["auto", "gemm", "symmetric"] = "auto"
+    trt_batches: list[int] = Field(default=[1, 8, 32], min_length=3, max_length=3)
+    build_engine: bool = True
+    data_root: Path | None = None
+    threads: int | None = Field(default=None, ge=1)
+    out: Path | None = None  # default: the source run directory
+
+    @model_validator(mode="after")
+    def _normalise(self) -> "ExportRecipe":
+        if self.bits is not None:
+            self.bits = _bit_spec(self.bits)
+        low, opt, high = self.trt_batches
+        if not 1 <= low <= opt <= high:
+            raise ValueError("trt_batches must be min <= opt <= max, each >= 1")
+        return self
+
+
+class BenchRecipe(DataRecipe):
+    kind: Literal["bench"] = "bench"
+    artifacts: list[Path] = Field(min_length=1)
+    data: str | None = None  # default: the dataset the artifacts were trained on
+    batch_sizes: list[int] = Field(default=[1, 32], min_length=1)
+    warmup: int = Field(default=10, ge=1)
+    runs: int = Field(default=50, ge=50)
+    threads: int | None = Field(default=None, ge=1)  # default: all cores
+    eval_batch: int = Field(default=256, ge=1)
+    out: Path = Path("runs/bench")
+
+    @model_validator(mode="after")
+    def _positive_batches(self) -> "BenchRecipe":
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError("batch sizes must be positive")
+        return self
+
+
+class PipelineQuantize(Recipe):
+    bits: list[str] = Field(default=["w8a8"], min_length=1)
+    calib: Literal["minmax", "percentile", "mse", "entropy"] = "percentile"
+    percentile: float = Field(default=99.99, gt=50, le=100)
+    calib_size: int = Field(default=512, ge=1)
+
+
+class PipelineExport(Recipe):
+    engines: list[Literal["ort", "trt"]] = Field(default=["ort"], min_length=1)
+    ort_kernel: Literal["auto", "gemm", "symmetric"] = "auto"
+
+
+class PipelineBench(Recipe):
+    batch_sizes: list[int] = Field(default=[1, 32], min_length=1)
+    runs: int = Field(default=50, ge=50)
+    warmup: int = Field(default=10, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    subset: int | None = Field(default=None, ge=1)
+
+
+class PipelineGate(Recipe):
+    min_top1: list[str] = []
+    max_drop: list[str] = []
+    max_latency_ms: list[str] = []
+    min_speedup: list[str] = []
+
+
+class PipelineRecipe(Recipe):
+    """finetune -> quantize (each bit spec) -> export (each engine) -> bench -> gate, in one run directory."""
+
+    kind: Literal["pipeline"] = "pipeline"
+    out: Path
+    finetune: dict[str, Any]  # a finetune recipe without `out`
+    quantize: PipelineQuantize = PipelineQuantize()
+    export: PipelineExport = PipelineExport()
+    bench: PipelineBench = PipelineBench()
+    gate: PipelineGate | None = None
+
+
+class PretrainRecipe(DataRecipe):
+    """Self-supervised pretraining (SimSiam, BYOL, MoCo v2, SimCLR, and SSQL on the first three).
+
+    Defaults are the SSQL reference CIFAR-10 run (SSQL.md): 400 epochs, global batch 512, SGD lr
+    0.05 cosine, momentum 0.9, wd 5e-4, weight bits drawn from 2-8 and activation bits from 4-8.
+    Head sizes, EMA momentum and temperature left as None take the method's own defaults
+    (ssql_deploy/pretrain/config.py).
+    """
+
+    kind: Literal["pretrain"] = "pretrain"
+    method: str = "ssql"
+    arch: str = "resnet18"
+    stem: Stem = "auto"
+    epochs: int = Field(default=400, ge=1)
+    batch_size: int = Field(default=512, ge=1)  # global; pairs need >= 2 per process (checked with the method)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["step", "cosine"] = "cosine"
+    milestones: list[float] | None = None
+    warmup_epochs: int = Field(default=0, ge=0)
+    w_bits: str = "2-8"  # SSQL: inclusive range each step's weight width is drawn from
+    a_bits: str = "4-8"
+    fixed_bits: str | None = None  # ablation: one width pair every step, e.g. w4a4
+    quantize_target: bool = False  # ablation: SimSiam targets from the quantized branch
+    aux_loss: bool = True  # SSQL's full-precision auxiliary term
+    proj_dim: int | None = Field(default=None, ge=1)
+    proj_hidden_dim: int | None = Field(default=None, ge=1)
+    pred_hidden_dim: int | None = Field(default=None, ge=1)
+    ema_momentum: float | None = Field(default=None, ge=0, lt=1)
+    temperature: float | None = Field(default=None, gt=0)
+    queue_size: int = Field(default=4096, ge=1)
+    knn_every: int = Field(default=10, ge=0)  # kNN monitor every N epochs and at the last; 0 turns it off
+    knn_k: int = Field(default=200, ge=1)
+    knn_temperature: float = Field(default=0.1, gt=0)
+    save_every_steps: int | None = Field(default=None, ge=1)
+    sync_bn: bool = False
+    seed: int = 0
+    out: Path = Path("runs/pretrain")
+
+    @model_validator(mode="after")
+    def _resolve_method(self) -> "PretrainRecipe":
+        from ssql_deploy.pretrain.config import resolve
+
+        resolve(self)
+        return self

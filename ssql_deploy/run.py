@@ -1,0 +1,121 @@
+"""Run directories and stage manifests.
+
+A run directory holds one sub-directory per stage (`pretrain/`, `finetune/`, `quant/w4a4/`,
+`export/w8a8-ort/`, ...), each with a `manifest.json`: its inputs with sha256, every setting,
+its metrics, package versions and the git commit. Any stage can then be re-run alone, and a
+report can say exactly what produced a number.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ssql_deploy import __version__
+from ssql_deploy.errors import UserError
+
+MANIFEST = "manifest.json"
+_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "numpy", "pydantic")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def versions() -> dict[str, str]:
+    found = {"ssql-deploy": __version__, "python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit of the ssql-deploy source tree, with `-dirty` if it has local changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def write_manifest(
+    stage_dir: Path,
+    stage: str,
+    inputs: dict[str, Path],
+    settings: dict[str, Any],
+    metrics: dict[str, Any],
+    outputs: dict[str, Path] | None = None,
+) -> Path:
+    def describe(paths: dict[str, Path]) -> dict[str, dict[str, str]]:
+        return {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in paths.items() if p.is_file()}
+
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": describe(inputs),
+        "outputs": describe(outputs or {}),
+        "settings": settings,
+        "metrics": metrics,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+    }
+    path = stage_dir / MANIFEST
+    write_text_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
+    return path
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any]:
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{stage_dir} has no {MANIFEST}", "point at a run directory written by ssql-deploy")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})", "re-run the stage that wrote it") from None
+
+
+def resolve_checkpoint(path: Path, candidates: tuple[str, ...]) -> Path:
+    """A checkpoint file as given, or the first of `candidates` inside a run directory."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist", "pass a checkpoint file or a run directory")
+    if path.is_file():
+        return path
+    for rel in candidates:
+        if (path / rel).is_file():
+            return path / rel
+    raise UserError(
+        f"run directory {path} holds none of {', '.join(candidates)}",
+        "run the earlier stage first or pass the checkpoint file itself",
+    )

@@ -1,0 +1,54 @@
+"""Shared fixtures: real Fashion-MNIST images, the CLI as a user runs it, and one tiny trained run."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ssql_deploy.data.fashion_mnist import DEBIAN_ROOT
+
+CliRun = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    if not (DEBIAN_ROOT / "t10k-labels-idx1-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (make test does this)")
+    return DEBIAN_ROOT
+
+
+def _run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ssql_deploy", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cli() -> CliRun:
+    """Run `ssql-deploy ARGS...` in a fresh process, exactly as a user would."""
+    return _run
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """One clear error line, exit code 2, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle.lower() in result.stderr.lower(), result.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, cli: CliRun) -> Path:
+    """One epoch of test_resnet on 1,024 Fashion-MNIST images: a real run directory to build on."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    result = cli("finetune", "--arch", "test_resnet", "--subset", "1024", "--epochs", "2", "--batch-size", "64",
+                 "--lr", "0.05", "--schedule", "cosine", "--workers", "0", "--out", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out

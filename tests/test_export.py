@@ -1,0 +1,140 @@
+"""Export every bit-width pair to QDQ ONNX, run it in a real ONNX Runtime session, check parity."""
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import CliRun, assert_user_error
+from ssql_deploy.export.onnx_graph import build_onnx
+from ssql_deploy.export.ort_session import integer_conv_report, make_session
+from ssql_deploy.export.parity import check_parity
+from ssql_deploy.export.trt_rules import check_trt_qdq
+from ssql_deploy.models import create_model
+from ssql_deploy.models.trained import load_trained
+from ssql_deploy.quant.bits import BitSpec
+from ssql_deploy.quant.calib_set import load_calibration
+from ssql_deploy.quant.calibrate import calibrate
+from ssql_deploy.quant.placement import prepare, trace
+
+PAIRS = list(itertools.product(range(2, 9), range(2, 9)))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run: Path) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    model, meta, _ = load_trained(tiny_run)
+    images, _ = load_calibration("fashion-mnist", None, 64, meta.input_size, tiny_run / "calib")
+    return model.eval(), images
+
+
+@pytest.mark.parametrize("engine", ["ort", "trt"])
+def test_every_bit_width_pair_exports_and_matches_pytorch(engine: str, trained: tuple[torch.nn.Module, list[torch.Tensor]]) -> None:
+    model, images = trained
+    for w, a in PAIRS:
+        gm = prepare(model, engine, BitSpec(w, a))  # type: ignore[arg-type]
+        calibrate(gm, images, "minmax")
+        exported = build_onnx(gm, (3, 32, 32), engine, weight_zero_point=-1 if engine == "ort" and w % 2 else 0)  # type: ignore[arg-type]
+        assert exported.opset_import[0].version >= 17
+        assert exported.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        parity = check_parity(gm, exported, images)
+        assert parity["passed"] and parity["top1_agreement"] >= 99.0, (w, a, parity["top1_agreement"])
+        # A rounding tie resolved differently flips one element by one step; downstream, on finer grids, that
+        # can be several steps, but it stays rare: no layer may differ from PyTorch on more than 2% of values.
+        worst = max(layer["mismatch_fraction"] for layer in parity["per_layer"].values())
+        assert worst <= 0.02, (w, a, parity["per_layer"])
+        if engine == "trt":
+            assert check_trt_qdq(exported) == [], (w, a)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in exported.graph.initializer}
+        bound = 2 ** (w - 1) - 1
+        for name in [n for n in inits if n.endswith("_weight_int")][1:]:  # the stem conv stays at 8 bits
+            values = inits[name].astype(int) - int(inits[name.replace("_int", "_zero_point")][0])
+            assert -bound <= values.min() and values.max() <= bound, (w, name)
+
+
+@pytest.mark.parametrize("zero_point", [0, -1])
+@pytest.mark.parametrize("stem, size", [("cifar", 32), ("imagenet", 64)])
+def test_ort_runs_every_conv_as_an_integer_kernel(zero_point: int, stem: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 10, stem, zero_init_residual=False).eval()  # type: ignore[arg-type]
+    gm = prepare(model, "ort", BitSpec(4, 4))
+    calibrate(gm, [torch.randn(48, 3, size, size)], "percentile")
+    report = integer_conv_report(build_onnx(gm, (3, size, size), "ort", weight_zero_point=zero_point))
+    assert report["integer_convs"] == report["convs"] == 12 and report["float_convs"] == 0  # stem + 8 + 3 downsample
+
+
+def test_fp32_export_matches_the_float_model(trained: tuple[torch.nn.Module, list[torch.Tensor]]) -> None:
+    model, images = trained
+    session = make_session(build_onnx(trace(model), (3, 32, 32), "ort").SerializeToString())
+    for batch in (1, 7):
+        x = images[0][:batch]
+        with torch.no_grad():
+            np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4)
+
+
+def test_cli_quantize_export_bench_gate(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+    run = tmp_path / "run"
+    for bits, calib in (("w8a8", "percentile"), ("w4a4", "mse")):
+        q = cli("quantize", tiny_run, "--bits", bits, "--calib", calib, "--calib-size", "64", "--calib-dir", tmp_path / "calib",
+                "--subset", "512", "--workers", "0", "--out", run)  # fmt: skip
+        assert q.returncode == 0, q.stderr
+    manifest = json.loads((run / "quant/w4a4/manifest.json").read_text())
+    assert manifest["metrics"]["simulated_top1"] > 20 and len(manifest["inputs"]["calib_manifest"]["sha256"]) == 64
+    assert_user_error(cli("export", run, "--engine", "ort"), "several quantized models", "--bits")
+    for engine in ("ort", "trt"):
+        e = cli("export", run, "--bits", "8", "--engine", engine)
+        assert e.returncode == 0, e.stderr
+    e = cli("export", run, "--bits", "w4a4", "--engine", "trt")
+    assert e.returncode == 0, e.stderr
+    assert "trtexec --onnx=" in e.stdout and "TensorRT engine not built here" in e.stdout
+    export = json.loads((run / "export/w8a8-trt/manifest.json").read_text())
+    assert export["metrics"]["status"] == "ok" and export["metrics"]["trt_rule_violations"] == []
+    assert any("re-expressed as signed int8" in n for n in export["metrics"]["notes"])
+    assert export["metrics"]["parity"]["top1_agreement"] >= 99
+
+    b = cli("bench", tiny_run, run, "--batch-sizes", "1,4", "--subset", "300", "--workers", "0", "--out", tmp_path / "bench")
+    assert b.returncode == 0, b.stderr
+    report = json.loads((tmp_path / "bench/report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert {"torch-fp32", "torch-w8a8", "torch-w4a4", "onnx-fp32", "qdq-ort-w8a8", "qdq-trt-w8a8", "qdq-trt-w4a4"} <= set(rows)
+    assert rows["trt-w8a8"]["status"].startswith("skipped") and rows["trt-w8a8"]["top1"] is None
+    ok = rows["qdq-ort-w8a8"]
+    assert ok["status"] == "ok" and ok["n_images"] == 300 and set(ok["latency"]) == {"1", "4"}
+    assert ok["agreement_with_torch"] >= 90 and ok["size_bytes"] > 0 and report["env"]["threads"] >= 1
+    assert (tmp_path / "bench/report.png").stat().st_size > 10_000 and "| name |" in (tmp_path / "bench/report.md").read_text()
+
+    passed = cli("gate", tmp_path / "bench/report.json", "--min-top1", "onnx-fp32=10", "--max-drop", "w8a8=50",
+                 "--max-latency-ms", "qdq-ort-w8a8@1=10000")  # fmt: skip
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    failed = cli("gate", tmp_path / "bench/report.json", "--min-top1", "qdq-ort-w8a8=100.1", "--min-speedup", "qdq-trt-w4a4@4=1000")
+    assert failed.returncode == 1 and "FAIL" in failed.stdout
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["quantize", "{run}", "--bits", "w9a4"], ["outside 2..8"]),
+    (["quantize", "{run}", "--bits", "4bit"], ["malformed bit spec"]),
+    (["quantize", "{run}", "--calib-size", "0"], ["--calib-size", "greater than or equal to 1"]),
+    (["quantize", "{run}", "--calib-size", "8", "--calib-dir", "{tmp}"], ["8 images", "--calib-size"]),
+    (["quantize", "{tmp}/missing-run"], ["does not exist"]),
+    (["export", "{tmp}/missing-run"], ["does not exist"]),
+    (["export", "{run}"], ["holds no quantized model"]),
+    (["bench", "{tmp}/bogus.onnx"], ["not an ONNX model"]),
+    (["bench", "{tmp}/missing"], ["does not exist"]),
+    (["gate", "{tmp}/bogus.onnx", "--min-top1", "a=1"], ["not JSON"]),
+])  # fmt: skip
+def test_bad_input(args: list[str], needles: list[str], tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+    (tmp_path / "bogus.onnx").write_text("this is not a protobuf")
+    result = cli(*[a.format(run=tiny_run, tmp=tmp_path) for a in args])
+    assert_user_error(result, *needles)
+    assert not (tiny_run / "quant").exists()
+
+
+def test_class_count_mismatch(tiny_run: Path, tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:
+    for split in ("train", "val"):
+        for c in range(3):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+    assert_user_error(cli("quantize", tiny_run, "--data", "imagefolder", "--data-root", tmp_path, "--out", tmp_path / "o"),
+                      "classifies 10 classes but imagefolder has 3")  # fmt: skip

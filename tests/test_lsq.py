@@ -1,0 +1,87 @@
+"""LSQ quantization-aware training: the step-size gradient, training, export parity, bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CliRun, assert_user_error
+from ssql_deploy.models.checkpoint import load_checkpoint
+from ssql_deploy.quant.quantizer import ActQuantizer, WeightQuantizer, lsq_fake_quant
+
+
+def test_step_size_gradient_matches_the_lsq_paper() -> None:
+    """d out / d s = round(x/s) - x/s inside the range, qmin or qmax outside, times g."""
+    x = torch.tensor([0.26, 1.7, -5.0, 9.0, 2.49])
+    step = torch.tensor(0.5, requires_grad=True)
+    qmin, qmax, g = -4, 3, 0.125
+    out = lsq_fake_quant(x, step, qmin, qmax, g)
+    assert out.tolist() == [0.5, 1.5, -2.0, 1.5, 1.5]
+    out.sum().backward()
+    v = x / 0.5
+    by_hand = [(round(float(e)) - float(e)) if qmin <= e <= qmax else (qmin if e < qmin else qmax) for e in v]
+    assert step.grad is not None and step.grad.item() == pytest.approx(g * sum(by_hand))
+
+
+def test_quantizers_apply_lsq_gradient_scale() -> None:
+    w = torch.randn(4, 3, 3, 3)
+    wq = WeightQuantizer(4)
+    wq.init_lsq(w, "lsq")
+    assert torch.allclose(wq.step.detach(), 2 * w.abs().flatten(1).mean(1) / math.sqrt(7))
+    wq(w).sum().backward()
+    assert wq.step.grad is not None and wq.step.grad.shape == (4,)
+    aq = ActQuantizer(4, signed=False)
+    aq.set_range(0.0, 1.5)
+    aq.init_lsq("calibrated")
+    aq.enabled = True
+    assert aq.step.item() == pytest.approx(0.1)
+    aq(torch.rand(2, 8) * 2).sum().backward()
+    assert aq.step.grad is not None and aq.step.grad.abs().item() > 0
+
+
+def test_lsq_trains_steps_and_exports_with_parity(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+    common = ["--bits", "w3a3", "--calib-size", "64", "--calib-dir", tmp_path / "calib", "--subset", "256",
+              "--batch-size", "64", "--workers", "0", "--out", tmp_path / "run"]  # fmt: skip
+    ptq = cli("quantize", tiny_run, *common)
+    assert ptq.returncode == 0, ptq.stderr
+    lsq = cli("quantize", tiny_run, *common, "--lsq", "--epochs", "2", "--freeze-bn-after", "1", "--lr", "0.05")
+    assert lsq.returncode == 0, lsq.stderr
+    before = load_checkpoint(tmp_path / "run/quant/w3a3/quantized.pt")
+    after = load_checkpoint(tmp_path / "run/quant/w3a3-lsq/quantized.pt")
+    assert after["lsq"] and not before["lsq"]
+    point = "layer2_0_relu"
+    calibrated = float(before["model"][f"aq_{point}.hi"]) / (2**3 - 1)
+    learned = after["model"][f"aq_{point}.step"].item()
+    assert abs(learned / calibrated - 1) > 1e-5  # moved far beyond float noise (~1e-7) from its PTQ init
+    assert after["model"]["layer2.0.conv1.weight_quantizer.step"].shape == (16,)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run/quant/w3a3-lsq/metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+    manifest = json.loads((tmp_path / "run/quant/w3a3-lsq/manifest.json").read_text())
+    assert {"ptq_top1", "lsq"} <= set(manifest["metrics"])
+    for engine in ("ort", "trt"):
+        exported = cli("export", tmp_path / "run", "--bits", "w3a3", "--lsq", "--engine", engine)
+        assert exported.returncode == 0, exported.stderr
+        parity = json.loads((tmp_path / f"run/export/w3a3-lsq-{engine}/parity.json").read_text())
+        assert parity["passed"] and parity["top1_agreement"] >= 99
+
+
+def test_steps_only_keeps_the_weights(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+    result = cli("quantize", tiny_run, "--bits", "w4a4", "--lsq", "--epochs", "1", "--train-steps-only", "--subset", "128",
+                 "--batch-size", "64", "--calib-size", "64", "--calib-dir", tmp_path, "--workers", "0", "--out", tmp_path / "run")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    source = load_checkpoint(tiny_run / "finetune/best.pt")["model"]
+    trained = load_checkpoint(tmp_path / "run/quant/w4a4-lsq/quantized.pt")["model"]
+    assert torch.equal(source["layer3.0.conv2.weight"], trained["layer3.0.conv2.weight"])
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--lsq"], ["LSQ needs --epochs"]),
+    (["--lsq", "--epochs", "0"], ["at least 1"]),
+    (["--epochs", "3"], ["apply only to LSQ", "--lsq"]),
+    (["--lsq", "--epochs", "1", "--subset", "10", "--batch-size", "64", "--calib-size", "64"], ["needs a training set"]),
+])  # fmt: skip
+def test_lsq_bad_input(args: list[str], needles: list[str], tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+    result = cli("quantize", tiny_run, "--calib-dir", tmp_path, "--workers", "0", "--out", tmp_path / "o", *args)
+    assert_user_error(result, *needles)
