@@ -102,11 +102,11 @@ def latencies(paths: dict[str, Path], batch: int, size: int) -> dict[str, dict[s
 
 def bench_model(label: str, run: Path, size: int, scored: bool) -> dict:
     sample = [] if scored else ["--subset", "500"]  # an unscored model needs no full test pass
-    cli("quantize", run, "--bits", "w8a8", "--calib", "percentile", "--calib-dir", run / "calib", "--workers", "1", *sample)
+    cli("quantize", run, "--bits", "w8a8", "--calib", "percentile", "--workers", "1", *sample)  # calib/ manifest of the repo
     cli("export", run, "--bits", "w8a8", "--engine", "ort", "--ort-kernel", "auto", "--threads", str(THREADS))
     sym_dir = run / "symmetric"
     cli("export", run, "--bits", "w8a8", "--engine", "ort", "--ort-kernel", "symmetric", "--out", sym_dir)
-    batches, _ = load_calibration("fashion-mnist", None, 512, size, run / "calib")
+    batches, _ = load_calibration("fashion-mnist", None, 512, size, ROOT / "calib")
     paths = {
         "onnx-fp32": run / "export/fp32/model.onnx",
         "ours-w8a8": run / "export/w8a8-ort/model.qdq.onnx",

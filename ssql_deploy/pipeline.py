@@ -1,9 +1,10 @@
 """`ssql-deploy run PIPELINE.yaml`: every stage in order in one run directory, re-runnable.
 
-A finished stage (its manifest is written) is reused on the next run and an interrupted
-fine-tuning resumes, so `make demo` can be run again or after a crash without redoing work.
+A finished training stage (its manifest is written) is reused on the next run and an
+interrupted one resumes, so `make demo` can be run again or after a crash without redoing work.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from ssql_deploy.export.stage import run_export
 from ssql_deploy.finetune import run_finetune
 from ssql_deploy.progress import console
 from ssql_deploy.quant.stage import run_quantize
-from ssql_deploy.recipe import BenchRecipe, ExportRecipe, FinetuneRecipe, PipelineRecipe, QuantizeRecipe, validate
+from ssql_deploy.pretrain.trainer import run_pretrain
+from ssql_deploy.recipe import BenchRecipe, ExportRecipe, FinetuneRecipe, PipelineRecipe, PretrainRecipe, QuantizeRecipe, validate
 from ssql_deploy.run import MANIFEST
 
 
@@ -21,15 +23,25 @@ def _stage(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
+def _train_once(stage_dir: Path, train: Callable[[bool], object]) -> None:
+    """Reuse a finished stage, resume an interrupted one, start a missing one."""
+    if (stage_dir / MANIFEST).is_file():
+        console.print(f"reusing the finished stage in {stage_dir}")
+    else:
+        train((stage_dir / "last.pt").is_file())
+
+
 def run_pipeline(recipe: PipelineRecipe, source: str) -> tuple[dict[str, Any], list[GateResult]]:
     out = recipe.out
-    finetune = validate(FinetuneRecipe, recipe.finetune | {"out": out}, f"{source} [finetune]")
+    start = {}
+    if recipe.pretrain is not None:
+        pretrain = validate(PretrainRecipe, recipe.pretrain | {"out": out}, f"{source} [pretrain]")
+        _stage(f"pretrain ({pretrain.method})")
+        _train_once(out / "pretrain", lambda resume: run_pretrain(pretrain, resume=resume))
+        start = {"ckpt": out}  # the fine-tuning picks up pretrain/backbone.pt
+    finetune = validate(FinetuneRecipe, recipe.finetune | start | {"out": out}, f"{source} [finetune]")
     _stage("fine-tune")
-    stage_dir = out / "finetune"
-    if (stage_dir / MANIFEST).is_file():
-        console.print(f"reusing the finished fine-tuning in {stage_dir}")
-    else:
-        run_finetune(finetune, resume=(stage_dir / "last.pt").is_file())
+    _train_once(out / "finetune", lambda resume: run_finetune(finetune, resume=resume))
     common = {"data": finetune.data, "data_root": finetune.data_root, "workers": finetune.workers}
     for bits in recipe.quantize.bits:
         _stage(f"quantize {bits}")
@@ -48,6 +60,3 @@ def run_pipeline(recipe: PipelineRecipe, source: str) -> tuple[dict[str, Any], l
         gates = evaluate_gates(bench["report"], g.min_top1, g.max_drop, g.max_latency_ms, g.min_speedup)
     return bench, gates
 
-
-def load_pipeline(path: Path) -> PipelineRecipe:
-    return PipelineRecipe.build(path)

@@ -216,10 +216,11 @@ class PipelineGate(Recipe):
 
 
 class PipelineRecipe(Recipe):
-    """finetune -> quantize (each bit spec) -> export (each engine) -> bench -> gate, in one run directory."""
+    """[pretrain ->] finetune -> quantize (each bit spec) -> export (each engine) -> bench -> gate, in one run directory."""
 
     kind: Literal["pipeline"] = "pipeline"
     out: Path
+    pretrain: dict[str, Any] | None = None  # a pretrain recipe without `out`; finetune then starts from it
     finetune: dict[str, Any]  # a finetune recipe without `out`
     quantize: PipelineQuantize = PipelineQuantize()
     export: PipelineExport = PipelineExport()

@@ -20,10 +20,15 @@ def fmnist_root() -> Path:
     return DEBIAN_ROOT
 
 
+# Tiny test networks run faster on one thread: two OpenMP threads on a shared 2-core machine spend
+# their time spin-waiting on each other. Tests check behaviour, not speed.
+_ENV = {"OMP_NUM_THREADS": "1"}
+
+
 def _run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ssql_deploy", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, **_ENV, **(env or {})},
     )  # fmt: skip
 
 

@@ -49,8 +49,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path: Path, fmnist
     assert straight.returncode == 0, straight.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ssql_deploy", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "ssql_deploy", *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as the cli fixture  # fmt: skip
     last = out / "finetune/last.pt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:

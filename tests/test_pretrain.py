@@ -23,15 +23,12 @@ from ssql_deploy.recipe import PretrainRecipe
 # Small heads keep a CLI run to a few seconds: the 2048-d reference heads dwarf test_resnet.
 HEADS = ["--proj-dim", "32", "--proj-hidden-dim", "64"]
 FAST = ["--arch", "test_resnet", "--batch-size", "32", "--workers", "0", *HEADS]
-# One thread: on a shared 2-core machine two OpenMP threads spin-wait on each other and a tiny
-# network's step gets 10x slower; these runs are about correctness, not speed.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, cli: CliRun) -> Path:
     out = tmp_path_factory.mktemp("pretrain_run")
-    result = cli("pretrain", "--method", "ssql", *FAST, "--subset", "128", "--epochs", "2", "--knn-every", "1", "--out", out, env=ONE_THREAD)
+    result = cli("pretrain", "--method", "ssql", *FAST, "--subset", "128", "--epochs", "2", "--knn-every", "1", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "pretraining (ssql) finished" in result.stdout
     return out
@@ -59,7 +56,7 @@ def test_run_writes_metrics_backbone_checkpoint_and_manifest(pretrain_run: Path)
 
 def test_finetune_accepts_the_pretrain_run_directory(pretrain_run: Path, tmp_path: Path, cli: CliRun) -> None:
     result = cli("finetune", "--ckpt", pretrain_run, "--mode", "linear", "--arch", "test_resnet", "--epochs", "1",
-                 "--subset", "128", "--batch-size", "64", "--lr", "1.0", "--workers", "0", "--out", tmp_path, env=ONE_THREAD)  # fmt: skip
+                 "--subset", "128", "--batch-size", "64", "--lr", "1.0", "--workers", "0", "--out", tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     log = result.stdout + result.stderr
     assert "plain state dict" in log and "pretrain/backbone.pt" in json.dumps(json.loads((tmp_path / "finetune/manifest.json").read_text()))
@@ -73,7 +70,7 @@ def test_resume_after_kill_9(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> 
             "--knn-every", "0", "--save-every-steps", "1"]  # fmt: skip
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "ssql_deploy", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     last = out / "pretrain/last.pt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -84,8 +81,8 @@ def test_resume_after_kill_9(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> 
     done = (state["epoch"], state["step"])
     assert done < (3, 0), "the kill should land mid-run"
 
-    assert_user_error(cli(*args, "--out", out, env=ONE_THREAD), "--resume")
-    resumed = cli(*args, "--out", out, "--resume", env=ONE_THREAD)
+    assert_user_error(cli(*args, "--out", out), "--resume")
+    resumed = cli(*args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {done[0]}" in resumed.stderr
     epochs = [json.loads(line) for line in (out / "pretrain/metrics.jsonl").read_text().splitlines()]
@@ -111,7 +108,7 @@ def test_two_process_torchrun(tmp_path: Path, fmnist_root: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ssql_deploy",
            "pretrain", "--method", "ssql-nce", *FAST, "--queue-size", "96", "--subset", "128", "--epochs", "1",
            "--knn-every", "1", "--out", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "pretrain/manifest.json").read_text())
     assert manifest["metrics"]["world_size"] == 2

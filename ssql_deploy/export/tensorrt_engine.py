@@ -194,10 +194,16 @@ class TensorRTRunner:
             trt.DataType.INT8: torch.int8,
         }
         self.dtypes = {n: to_torch.get(self.engine.get_tensor_dtype(n), torch.float32) for n in names}
+        self.max_batch = int(self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0])
         self.stream = torch.cuda.Stream()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Logits (the first output) for one NCHW batch; the batch must lie inside the build profile."""
+        """Logits (the first output) for an NCHW batch; batches beyond the profile run in chunks."""
+        if len(x) > self.max_batch:
+            return np.concatenate([self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)])
+        return self._run(x)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         import torch
 
         x = np.ascontiguousarray(x, dtype=np.float32)

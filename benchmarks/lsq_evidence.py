@@ -1,0 +1,89 @@
+"""Evidence for LSQ (issue 5, item 3): LSQ against the best PTQ calibrator, SSQL- vs SimSiam-seeded.
+
+Starts from the pretraining runs of benchmarks/ssql_vs_simsiam.py (runs/evidence/{simsiam,ssql}),
+fine-tunes each fully on Fashion-MNIST (2 epochs, all 60k images), then at w4a4, w3a3 and w2a4:
+- PTQ with each calibrator (minmax, percentile, mse, entropy), exported for ONNX Runtime;
+- LSQ seeded from the best of those calibrators (1 epoch over all 60k images, lr 0.01 cosine),
+  exported the same way.
+Every number is top-1 of the exported QDQ ONNX model in an ONNX Runtime session on all 10,000
+test images (the FP32 row is the FP32 ONNX export of the same fine-tuned model).
+
+    .venv/bin/python benchmarks/lsq_evidence.py
+
+Writes benchmarks/results/lsq_evidence.json and .log.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ssql_deploy.evaluate import eval_loader  # noqa: E402
+from ssql_deploy.export.ort_session import make_session  # noqa: E402
+
+RESULTS = ROOT / "benchmarks/results"
+RUNS = ROOT / "runs/evidence"
+LOG = RESULTS / "lsq_evidence.log"
+BITS = ["w4a4", "w3a3", "w2a4"]
+CALIBRATORS = ["minmax", "percentile", "mse", "entropy"]
+
+
+def cli(*args: str | Path) -> None:
+    cmd = [sys.executable, "-m", "ssql_deploy", *map(str, args)]
+    with LOG.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
+
+
+def ort_top1(path: Path) -> float:
+    session = make_session(path, 2)
+    correct = total = 0
+    for images, labels in eval_loader("fashion-mnist", None, 32, None, 500, 1):
+        correct += int((session.run(None, {"input": images.numpy()})[0].argmax(1) == labels.numpy()).sum())
+        total += len(labels)
+    return round(100.0 * correct / total, 2)
+
+
+def main() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    LOG.write_text("")
+    result: dict = {"benchmark": "lsq_evidence", "measured_on": "exported QDQ ONNX in ONNX Runtime (CPU), 10k test images", "methods": {}}
+    for method in ("simsiam", "ssql"):
+        run = RUNS / method
+        if not (run / "pretrain/backbone.pt").is_file():
+            raise SystemExit(f"{run} has no pretrained backbone: run benchmarks/ssql_vs_simsiam.py first")
+        if not (run / "finetune/manifest.json").is_file():
+            cli("finetune", "--ckpt", run, "--arch", "resnet18_quarter", "--mode", "full", "--epochs", "2", "--lr", "0.05",
+                "--schedule", "cosine", "--batch-size", "128", "--workers", "1", "--out", run, *(["--resume"] if (run / "finetune/last.pt").is_file() else []))  # fmt: skip
+        rows: dict = {}
+        for bits in BITS:
+            ptq = {}
+            for calib in CALIBRATORS:
+                out = RUNS / f"{method}-{calib}"
+                cli("quantize", run, "--bits", bits, "--calib", calib, "--workers", "1", "--out", out)
+                cli("export", out, "--bits", bits, "--engine", "ort")
+                ptq[calib] = ort_top1(out / f"export/{bits}-ort/model.qdq.onnx")
+            best = max(ptq, key=ptq.__getitem__)
+            out = RUNS / f"{method}-lsq"
+            cli("quantize", run, "--bits", bits, "--calib", best, "--lsq", "--epochs", "1", "--lr", "0.01", "--workers", "1", "--out", out)
+            cli("export", out, "--bits", bits, "--lsq", "--engine", "ort")
+            rows[bits] = {"ptq": ptq, "best_ptq_calibrator": best, "best_ptq": ptq[best],
+                          "lsq": ort_top1(out / f"export/{bits}-lsq-ort/model.qdq.onnx")}  # fmt: skip
+            with LOG.open("a") as f:
+                f.write(f"{method} {bits}: {json.dumps(rows[bits])}\n")
+        fp32 = ort_top1(RUNS / f"{method}-lsq/export/fp32/model.onnx")
+        result["methods"][method] = {"fp32_onnx_top1": fp32, "bits": rows}
+    (RESULTS / "lsq_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'method':8s} {'bits':5s} {'best PTQ (calibrator)':>24s} {'LSQ':>7s}")
+    for method, data in result["methods"].items():
+        print(f"{method:8s} {'fp32':5s} {data['fp32_onnx_top1']:>24.2f}")
+        for bits, row in data["bits"].items():
+            print(f"{method:8s} {bits:5s} {row['best_ptq']:>14.2f} ({row['best_ptq_calibrator']:>8s}) {row['lsq']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

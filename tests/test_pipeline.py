@@ -1,0 +1,48 @@
+"""`ssql-deploy run`: the whole chain on a tiny pipeline, re-runnable, with its gates."""
+
+import json
+from pathlib import Path
+
+from conftest import CliRun, assert_user_error
+
+PIPELINE = """
+kind: pipeline
+out: {out}
+pretrain: {{method: ssql, arch: test_resnet, subset: 256, epochs: 1, batch_size: 64, proj_hidden_dim: 64, proj_dim: 64,
+           pred_hidden_dim: 16, knn_every: 1, workers: 0}}
+finetune: {{arch: test_resnet, subset: 512, epochs: 1, batch_size: 64, lr: 0.05, schedule: cosine, workers: 0}}
+quantize: {{bits: [w8a8, w4a4], calib: minmax, calib_size: 64}}
+export: {{engines: [ort, trt]}}
+bench: {{batch_sizes: [1, 2], runs: 50, subset: 200}}
+gate: {{min_top1: ["onnx-fp32=1"], max_drop: ["w8a8={drop}"]}}
+"""
+
+
+def test_pipeline_runs_end_to_end_and_reuses_finished_stages(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(PIPELINE.format(out=tmp_path / "run", drop=100))
+    first = cli("run", recipe, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "gates" in first.stdout and "report.png" in first.stdout
+    run = tmp_path / "run"
+    for stage in ("pretrain", "finetune", "quant/w8a8", "quant/w4a4", "export/w4a4-ort", "export/w8a8-trt"):
+        assert (run / stage / "manifest.json").is_file(), stage
+    finetune = json.loads((run / "finetune/manifest.json").read_text())
+    assert finetune["inputs"]["ckpt"]["path"].endswith("pretrain/backbone.pt")
+    report = json.loads((run / "bench/report.json").read_text())
+    names = {r["name"]: r["status"] for r in report["rows"]}
+    assert names["qdq-ort-w4a4"] == "ok" and names["trt-w8a8"].startswith("skipped")
+    assert (tmp_path / "calib/fashion-mnist-train-64.json").is_file()  # the calibration manifest, next to the run
+
+    recipe.write_text(PIPELINE.format(out=run, drop=-100))  # an impossible gate: the run must fail it
+    second = cli("run", recipe, cwd=tmp_path)
+    assert second.returncode == 1 and "FAIL" in second.stdout
+    assert second.stderr.count("reusing the finished stage") == 2
+
+
+def test_pipeline_recipe_errors(tmp_path: Path, cli: CliRun) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("kind: pipeline\nout: x\nfinetune: {arch: test_resnet, epochz: 1}\n")
+    assert_user_error(cli("run", recipe), "unknown key 'epochz'", "[finetune]")
+    recipe.write_text("kind: pipeline\nout: x\n")
+    assert_user_error(cli("run", recipe), "finetune")
