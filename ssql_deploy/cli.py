@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ssql_deploy import __version__
@@ -35,7 +36,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]; finished epochs are saved, resume with --resume")
@@ -322,7 +323,6 @@ def bench_cmd(
     recipe: RecipeOpt = None,
 ) -> None:
     """Measure top-1 on the test split and latency of each artifact; write report.json/.md/.png."""
-    from ssql_deploy.bench.report import rich_table
     from ssql_deploy.bench.stage import run_bench
     from ssql_deploy.recipe import BenchRecipe
 
@@ -330,8 +330,19 @@ def bench_cmd(
     settings = BenchRecipe.build(recipe, artifacts=artifacts, data=data, data_root=data_root, batch_sizes=sizes, runs=runs,
                                  warmup=warmup, threads=threads, subset=subset, workers=workers, out=out)  # fmt: skip
     bench = run_bench(settings)
-    results.print(rich_table(bench["report"]))
+    _print_report(bench)
+
+
+def _print_report(bench: dict[str, Any], title: str = "bench", gates: list[Any] | None = None) -> bool:
+    """The table, its notes, the gates if any, then where the report and plot are; False if a gate failed."""
+    from ssql_deploy.bench.report import notes, rich_table
+
+    results.print(rich_table(bench["report"], title=title))
+    for note in notes(bench["report"]):
+        results.print(f"note: {note}", highlight=False)
+    passed = _print_gates(gates) if gates else True
     results.print(f"report: {bench['paths']['md']}\nplot:   {bench['paths']['png']}")
+    return passed
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:
@@ -377,17 +388,13 @@ def run_cmd(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline recipe, e.g. recipes/pipelines/quickstart.yaml.")],
     out: Annotated[Path | None, typer.Option("--out", help="Run directory. [default: the recipe's out]")] = None,
 ) -> None:
-    """Run a pipeline recipe end to end: finetune, quantize, export, bench, gate."""
-    from ssql_deploy.bench.report import rich_table
+    """Run a pipeline recipe end to end: [pretrain,] finetune, quantize, export, bench, gate."""
     from ssql_deploy.pipeline import run_pipeline
     from ssql_deploy.recipe import PipelineRecipe
 
     settings = PipelineRecipe.build(pipeline, out=out)
     bench, gates = run_pipeline(settings, str(pipeline))
-    results.print(rich_table(bench["report"], title=f"pipeline {pipeline.name}"))
-    passed = _print_gates(gates) if gates else True
-    results.print(f"report: {bench['paths']['md']}\nplot:   {bench['paths']['png']}")
-    if not passed:
+    if not _print_report(bench, f"pipeline {pipeline.name}", gates):
         raise typer.Exit(1)
 
 

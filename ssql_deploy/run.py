@@ -32,9 +32,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def make_readable(fd: int) -> None:
+    """mkstemp creates files only the owner can read; give them the usual mode (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_readable(fd)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -94,16 +102,6 @@ def write_manifest(
     path = stage_dir / MANIFEST
     write_text_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
     return path
-
-
-def read_manifest(stage_dir: Path) -> dict[str, Any]:
-    path = stage_dir / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{stage_dir} has no {MANIFEST}", "point at a run directory written by ssql-deploy")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})", "re-run the stage that wrote it") from None
 
 
 def resolve_checkpoint(path: Path, candidates: tuple[str, ...]) -> Path:

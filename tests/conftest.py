@@ -1,8 +1,10 @@
 """Shared fixtures: real Fashion-MNIST images, the CLI as a user runs it, and one tiny trained run."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +32,17 @@ def _run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
         [sys.executable, "-m", "ssql_deploy", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, **_ENV, **(env or {})},
     )  # fmt: skip
+
+
+def kill_9_once_written(args: list[str], checkpoint: Path, timeout: float = 120) -> None:
+    """Start `ssql-deploy ARGS` and SIGKILL it the moment `checkpoint` first exists (mid-run, no clean-up)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ssql_deploy", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **_ENV})  # fmt: skip
+    deadline = time.time() + timeout
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="session")

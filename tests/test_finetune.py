@@ -1,17 +1,14 @@
 """Fine-tuning end to end on real Fashion-MNIST images: outputs, linear mode, resume, torchrun."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CliRun, assert_user_error
+from conftest import CliRun, assert_user_error, kill_9_once_written
 from ssql_deploy.models.checkpoint import load_checkpoint
 
 FAST = ["--arch", "test_resnet", "--batch-size", "64", "--lr", "0.05", "--workers", "0"]
@@ -49,14 +46,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path: Path, fmnist
     assert straight.returncode == 0, straight.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ssql_deploy", *args, "--out", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as the cli fixture  # fmt: skip
     last = out / "finetune/last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_once_written([*args, "--out", out], last)
     done = load_checkpoint(last)["epoch"]
     assert 1 <= done < 4, "the kill should land mid-run"
 

@@ -3,16 +3,14 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CliRun, assert_user_error
+from conftest import CliRun, assert_user_error, kill_9_once_written
 from ssql_deploy.distributed import DistInfo
 from ssql_deploy.errors import UserError
 from ssql_deploy.models import create_model
@@ -69,14 +67,8 @@ def test_resume_after_kill_9(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> 
     args = ["pretrain", "--method", "byol-ssql", *FAST, "--pred-hidden-dim", "16", "--subset", "192", "--epochs", "3",
             "--knn-every", "0", "--save-every-steps", "1"]  # fmt: skip
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ssql_deploy", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     last = out / "pretrain/last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_once_written([*args, "--out", out], last)
     state = load_checkpoint(last)
     done = (state["epoch"], state["step"])
     assert done < (3, 0), "the kill should land mid-run"

@@ -84,10 +84,14 @@ def markdown(report: dict[str, Any]) -> str:
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]  # fmt: skip
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    notes = [f"- {r['name']}: {n}" for r in report["rows"] for n in r.get("notes", []) if n]
-    if notes:
-        lines += ["", "Notes:", *notes]
+    if notes(report):
+        lines += ["", "Notes:", *(f"- {n}" for n in notes(report))]
     return "\n".join(lines) + "\n"
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """Where an artifact's numerics differ from the simulation, and how to build what was skipped."""
+    return [f"{r['name']}: {n}" for r in report["rows"] for n in r.get("notes", []) if n]
 
 
 def _series(row: dict[str, Any]) -> tuple[str, ...]:

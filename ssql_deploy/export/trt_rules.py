@@ -60,12 +60,15 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model, self.nodes = model, list(model.graph.node)
         self.consts: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
-        for n in (n for n in self.nodes if n.op_type == "Constant" and n.output):
-            self.consts.update({n.output[0]: a.t for a in n.attribute if a.name == "value"})
+        for node in self.nodes:
+            if node.op_type == "Constant" and node.output:
+                self.consts.update({node.output[0]: a.t for a in node.attribute if a.name == "value"})
         self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n, i in ((n, i) for n in self.nodes for i in n.input if i):
-            self.consumers[i].append(n)
+        for node in self.nodes:
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
         self.inputs = [v.name for v in model.graph.input if v.name not in self.consts]
         self.outputs = {v.name for v in model.graph.output}
 

@@ -22,6 +22,7 @@ from rich.table import Table
 from torch import nn
 
 from ssql_deploy.errors import UserError
+from ssql_deploy.run import make_readable
 
 FORMAT = "ssql-deploy"
 FORMAT_VERSION = 1
@@ -36,6 +37,7 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_readable(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

@@ -166,9 +166,3 @@ def weight_quantizers(gm: nn.Module) -> dict[str, WeightQuantizer]:
         if isinstance(m, WeightQuantizer)
     }
 
-
-def set_quantization(gm: nn.Module, enabled: bool) -> None:
-    """Switch every activation and weight quantizer on or off (off = the float model)."""
-    for q in gm.modules():
-        if isinstance(q, (ActQuantizer, WeightQuantizer)):
-            q.enabled = enabled
