@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test test-all data setup clean
+.PHONY: demo test data setup clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,6 @@ demo: setup data
 	$(PY) -m ssql_deploy run recipes/pipelines/quickstart.yaml
 
 test: setup data
-	$(PY) -m pytest -q -m "not slow"
-
-test-all: setup data
 	$(PY) -m pytest -q
 
 clean:

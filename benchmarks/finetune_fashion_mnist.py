@@ -48,7 +48,12 @@ def main() -> None:
     rows = []
     configs = [("1 process", [py, "-m", "ssql_deploy"])]
     if not args.skip_ddp:
-        configs.append(("2 processes (torchrun, gloo)", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ssql_deploy"]))
+        configs.append(
+            (
+                "2 processes (torchrun, gloo)",
+                [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ssql_deploy"],
+            )
+        )
     for name, launcher in configs:
         out = work / name.split()[0]
         wall = run([*launcher, "finetune", "--recipe", str(RECIPE), "--out", str(out)], log)

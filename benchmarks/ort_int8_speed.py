@@ -117,7 +117,9 @@ def bench_model(label: str, run: Path, size: int, scored: bool) -> dict:
     for batch in (1, 32):
         result["latency"][str(batch)] = lat = latencies(paths, batch, size)
         fp = lat["onnx-fp32"]["p50_ms"]
-        result["latency"][str(batch)]["speedup_vs_fp32"] = {n: round(fp / v["p50_ms"], 2) for n, v in lat.items() if isinstance(v, dict) and "p50_ms" in v}
+        result["latency"][str(batch)]["speedup_vs_fp32"] = {
+            n: round(fp / v["p50_ms"], 2) for n, v in lat.items() if isinstance(v, dict) and "p50_ms" in v
+        }
     if scored:
         result["top1"] = {name: round(top1(p, size), 2) for name, p in paths.items()}
     return result

@@ -66,12 +66,18 @@ def _root(
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="YAML recipe; flags given on the command line override its values.")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Dataset name (see `ssql-deploy datasets`). [default: fashion-mnist]")]
 DataRootOpt = Annotated[Path | None, typer.Option("--data-root", help="Directory holding the dataset files (see `ssql-deploy datasets`).")]
-DownloadOpt = Annotated[bool | None, typer.Option("--download/--no-download", help="Let torchvision download the dataset into --data-root. [default: no]")]
+DownloadOpt = Annotated[
+    bool | None, typer.Option("--download/--no-download", help="Let torchvision download the dataset into --data-root. [default: no]")
+]
 SubsetOpt = Annotated[int | None, typer.Option("--subset", help="Use a fixed random subset of N images per split (fast runs).")]
-InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="Input resolution. [default: 32 for small-image sets, 224 otherwise]")]
+InputSizeOpt = Annotated[
+    int | None, typer.Option("--input-size", help="Input resolution. [default: 32 for small-image sets, 224 otherwise]")
+]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="DataLoader worker processes. [default: 2]")]
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="Backbone (see `ssql-deploy models`). [default: resnet18]")]
-StemOpt = Annotated[str | None, typer.Option("--stem", help="auto, cifar (3x3, no max-pool) or imagenet (7x7 + max-pool). [default: auto by input size]")]
+StemOpt = Annotated[
+    str | None, typer.Option("--stem", help="auto, cifar (3x3, no max-pool) or imagenet (7x7 + max-pool). [default: auto by input size]")
+]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run directory; each stage writes a sub-directory with a manifest.")]
 
 
@@ -107,7 +113,13 @@ def models_cmd() -> None:
 @app.command("pretrain")
 @user_errors
 def pretrain_cmd(
-    method: Annotated[str | None, typer.Option("--method", help="simsiam, ssql (SSQL on SimSiam), byol, byol-ssql, moco (MoCo v2), ssql-nce (MoCo v2 + SSQL) or simclr. [default: ssql]")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            help="simsiam, ssql (SSQL on SimSiam), byol, byol-ssql, moco (MoCo v2), ssql-nce (MoCo v2 + SSQL) or simclr. [default: ssql]",
+        ),
+    ] = None,
     arch: ArchOpt = None,
     data: DataOpt = None,
     data_root: DataRootOpt = None,
@@ -116,20 +128,45 @@ def pretrain_cmd(
     lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate (SGD, cosine). [default: 0.05]")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="Weight decay. [default: 5e-4]")] = None,
     warmup_epochs: Annotated[int | None, typer.Option("--warmup-epochs", help="Linear warm-up epochs. [default: 0]")] = None,
-    w_bits: Annotated[str | None, typer.Option("--w-bits", help="SSQL: weight widths drawn each step, inclusive LOW-HIGH within 2..8. [default: 2-8]")] = None,
-    a_bits: Annotated[str | None, typer.Option("--a-bits", help="SSQL: activation widths drawn each step, inclusive LOW-HIGH within 2..8. [default: 4-8]")] = None,
-    fixed_bits: Annotated[str | None, typer.Option("--fixed-bits", help="SSQL ablation: one width pair every step, e.g. w4a4 (instead of random bits).")] = None,
-    quantize_target: Annotated[bool | None, typer.Option("--quantize-target/--float-target", help="SSQL ablation (ssql only): targets from the quantized branch. [default: float target]")] = None,
-    aux_loss: Annotated[bool | None, typer.Option("--aux-loss/--no-aux-loss", help="SSQL: keep the full-precision auxiliary loss term. [default: yes]")] = None,
-    proj_dim: Annotated[int | None, typer.Option("--proj-dim", help="Projector output width. [default: 2048 SimSiam, 512 BYOL, 256 MoCo/SimCLR]")] = None,
+    w_bits: Annotated[
+        str | None, typer.Option("--w-bits", help="SSQL: weight widths drawn each step, inclusive LOW-HIGH within 2..8. [default: 2-8]")
+    ] = None,
+    a_bits: Annotated[
+        str | None, typer.Option("--a-bits", help="SSQL: activation widths drawn each step, inclusive LOW-HIGH within 2..8. [default: 4-8]")
+    ] = None,
+    fixed_bits: Annotated[
+        str | None, typer.Option("--fixed-bits", help="SSQL ablation: one width pair every step, e.g. w4a4 (instead of random bits).")
+    ] = None,
+    quantize_target: Annotated[
+        bool | None,
+        typer.Option(
+            "--quantize-target/--float-target", help="SSQL ablation (ssql only): targets from the quantized branch. [default: float target]"
+        ),
+    ] = None,
+    aux_loss: Annotated[
+        bool | None, typer.Option("--aux-loss/--no-aux-loss", help="SSQL: keep the full-precision auxiliary loss term. [default: yes]")
+    ] = None,
+    proj_dim: Annotated[
+        int | None, typer.Option("--proj-dim", help="Projector output width. [default: 2048 SimSiam, 512 BYOL, 256 MoCo/SimCLR]")
+    ] = None,
     proj_hidden_dim: Annotated[int | None, typer.Option("--proj-hidden-dim", help="Projector hidden width. [default: 2048]")] = None,
-    pred_hidden_dim: Annotated[int | None, typer.Option("--pred-hidden-dim", help="Predictor hidden width (SimSiam/BYOL). [default: 512 SimSiam, 2048 BYOL]")] = None,
-    ema_momentum: Annotated[float | None, typer.Option("--ema-momentum", help="BYOL/MoCo target EMA momentum. [default: 0.99 BYOL, 0.999 MoCo]")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="Contrastive temperature. [default: 0.2 MoCo, 0.5 SimCLR]")] = None,
+    pred_hidden_dim: Annotated[
+        int | None, typer.Option("--pred-hidden-dim", help="Predictor hidden width (SimSiam/BYOL). [default: 512 SimSiam, 2048 BYOL]")
+    ] = None,
+    ema_momentum: Annotated[
+        float | None, typer.Option("--ema-momentum", help="BYOL/MoCo target EMA momentum. [default: 0.99 BYOL, 0.999 MoCo]")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Contrastive temperature. [default: 0.2 MoCo, 0.5 SimCLR]")
+    ] = None,
     queue_size: Annotated[int | None, typer.Option("--queue-size", help="MoCo negative queue length. [default: 4096]")] = None,
-    knn_every: Annotated[int | None, typer.Option("--knn-every", help="kNN top-1 monitor every N epochs and at the last one; 0 turns it off. [default: 10]")] = None,
+    knn_every: Annotated[
+        int | None, typer.Option("--knn-every", help="kNN top-1 monitor every N epochs and at the last one; 0 turns it off. [default: 10]")
+    ] = None,
     knn_k: Annotated[int | None, typer.Option("--knn-k", help="Neighbours the kNN monitor weighs. [default: 200]")] = None,
-    save_every_steps: Annotated[int | None, typer.Option("--save-every-steps", help="Also checkpoint every K steps (besides every epoch).")] = None,
+    save_every_steps: Annotated[
+        int | None, typer.Option("--save-every-steps", help="Also checkpoint every K steps (besides every epoch).")
+    ] = None,
     stem: StemOpt = None,
     input_size: InputSizeOpt = None,
     subset: SubsetOpt = None,
@@ -160,7 +197,7 @@ def pretrain_cmd(
     for col in ("arch", "data", "epochs", "loss", "kNN top-1", "z-std x sqrt(d)", "processes"):
         table.add_column(col)
     knn = "-" if metrics["knn_top1"] is None else f"{metrics['knn_top1']:.2f}%"
-    ratio = "-" if metrics["z_std"] is None else f"{metrics['z_std'] * settings.proj_dim ** 0.5:.2f}"
+    ratio = "-" if metrics["z_std"] is None else f"{metrics['z_std'] * settings.proj_dim**0.5:.2f}"
     loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
     table.add_row(settings.arch, settings.data, str(metrics["epochs"]), loss, knn, ratio, str(metrics["world_size"]))
     results.print(table)
@@ -170,11 +207,18 @@ def pretrain_cmd(
 @app.command("finetune")
 @user_errors
 def finetune_cmd(
-    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Checkpoint or run directory to start from (SSQL reference, torchvision or ours); omit for random init.")] = None,
+    ckpt: Annotated[
+        Path | None,
+        typer.Option(
+            "--ckpt", help="Checkpoint or run directory to start from (SSQL reference, torchvision or ours); omit for random init."
+        ),
+    ] = None,
     arch: ArchOpt = None,
     data: DataOpt = None,
     data_root: DataRootOpt = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="linear (frozen backbone, new fc) or full fine-tuning. [default: full]")] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="linear (frozen backbone, new fc) or full fine-tuning. [default: full]")
+    ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs. [default: 100 linear, 50 full]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Global batch size (split over processes). [default: 256]")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate. [default: 30 linear, 0.01 full]")] = None,
@@ -186,7 +230,9 @@ def finetune_cmd(
     subset: SubsetOpt = None,
     download: DownloadOpt = None,
     workers: WorkersOpt = None,
-    sync_bn: Annotated[bool | None, typer.Option("--sync-bn/--no-sync-bn", help="SyncBatchNorm under torchrun (full mode). [default: no]")] = None,
+    sync_bn: Annotated[
+        bool | None, typer.Option("--sync-bn/--no-sync-bn", help="SyncBatchNorm under torchrun (full mode). [default: no]")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 0]")] = None,
     out: OutOpt = None,
     recipe: RecipeOpt = None,
@@ -222,23 +268,42 @@ SourceArg = Annotated[Path | None, typer.Argument(help="Run directory (or checkp
 def quantize_cmd(
     source: SourceArg = None,
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="A checkpoint file instead of a run directory (needs --out).")] = None,
-    bits: Annotated[str | None, typer.Option("--bits", help="Bit spec wXaY with X, Y in 2..8, or one width (8 = w8a8). [default: w8a8]")] = None,
-    calib: Annotated[str | None, typer.Option("--calib", help="Activation calibrator: minmax, percentile, mse or entropy. [default: percentile]")] = None,
+    bits: Annotated[
+        str | None, typer.Option("--bits", help="Bit spec wXaY with X, Y in 2..8, or one width (8 = w8a8). [default: w8a8]")
+    ] = None,
+    calib: Annotated[
+        str | None, typer.Option("--calib", help="Activation calibrator: minmax, percentile, mse or entropy. [default: percentile]")
+    ] = None,
     percentile: Annotated[float | None, typer.Option("--percentile", help="Percentile for --calib percentile. [default: 99.99]")] = None,
-    calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration images from the training split. [default: 512]")] = None,
-    calib_dir: Annotated[Path | None, typer.Option("--calib-dir", help="Where calibration manifests live (created on first use). [default: calib]")] = None,
+    calib_size: Annotated[
+        int | None, typer.Option("--calib-size", help="Calibration images from the training split. [default: 512]")
+    ] = None,
+    calib_dir: Annotated[
+        Path | None, typer.Option("--calib-dir", help="Where calibration manifests live (created on first use). [default: calib]")
+    ] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="Architecture, only for plain state dicts that do not record it.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Dataset. [default: the one the model was fine-tuned on]")] = None,
     data_root: DataRootOpt = None,
     subset: SubsetOpt = None,
     workers: WorkersOpt = None,
-    lsq: Annotated[bool | None, typer.Option("--lsq/--no-lsq", help="Then train LSQ step sizes (quantization-aware training) from that calibration.")] = None,
+    lsq: Annotated[
+        bool | None, typer.Option("--lsq/--no-lsq", help="Then train LSQ step sizes (quantization-aware training) from that calibration.")
+    ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="LSQ training epochs (with --lsq).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="LSQ learning rate (cosine schedule). [default: 0.01]")] = None,
-    lsq_init: Annotated[str | None, typer.Option("--lsq-init", help="Step-size init: calibrated (the PTQ ranges) or lsq (2*mean|x|/sqrt(Qp)). [default: calibrated]")] = None,
-    freeze_bn_after: Annotated[int | None, typer.Option("--freeze-bn-after", help="Freeze BatchNorm statistics after K LSQ epochs.")] = None,
-    train_steps_only: Annotated[bool | None, typer.Option("--train-steps-only/--train-all", help="Train only the step sizes, not the weights. [default: train all]")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size for evaluation and LSQ training. [default: 256]")] = None,
+    lsq_init: Annotated[
+        str | None,
+        typer.Option("--lsq-init", help="Step-size init: calibrated (the PTQ ranges) or lsq (2*mean|x|/sqrt(Qp)). [default: calibrated]"),
+    ] = None,
+    freeze_bn_after: Annotated[
+        int | None, typer.Option("--freeze-bn-after", help="Freeze BatchNorm statistics after K LSQ epochs.")
+    ] = None,
+    train_steps_only: Annotated[
+        bool | None, typer.Option("--train-steps-only/--train-all", help="Train only the step sizes, not the weights. [default: train all]")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Batch size for evaluation and LSQ training. [default: 256]")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for LSQ training. [default: 0]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted LSQ run in --out.")] = False,
     out: OutOpt = None,
@@ -271,12 +336,26 @@ def quantize_cmd(
 @user_errors
 def export_cmd(
     source: Annotated[Path, typer.Argument(help="Run directory holding a quantized model (or its quantized.pt).")],
-    bits: Annotated[str | None, typer.Option("--bits", help="Which quantized model of the run (8 = w8a8); needed when it holds several.")] = None,
-    lsq: Annotated[bool | None, typer.Option("--lsq/--ptq", help="Export the LSQ-trained model of those bits rather than the PTQ one. [default: PTQ]")] = None,
-    engine: Annotated[str | None, typer.Option("--engine", help="ort (ONNX Runtime integer kernels) or trt (TensorRT explicit quantization). [default: ort]")] = None,
-    ort_kernel: Annotated[str | None, typer.Option("--ort-kernel", help="auto, gemm (QGEMM/AMX path) or symmetric (VNNI conv path). [default: auto]")] = None,
+    bits: Annotated[
+        str | None, typer.Option("--bits", help="Which quantized model of the run (8 = w8a8); needed when it holds several.")
+    ] = None,
+    lsq: Annotated[
+        bool | None, typer.Option("--lsq/--ptq", help="Export the LSQ-trained model of those bits rather than the PTQ one. [default: PTQ]")
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option("--engine", help="ort (ONNX Runtime integer kernels) or trt (TensorRT explicit quantization). [default: ort]"),
+    ] = None,
+    ort_kernel: Annotated[
+        str | None, typer.Option("--ort-kernel", help="auto, gemm (QGEMM/AMX path) or symmetric (VNNI conv path). [default: auto]")
+    ] = None,
     trt_batches: Annotated[str | None, typer.Option("--trt-batches", help="TensorRT profile min,opt,max batch. [default: 1,8,32]")] = None,
-    build_engine: Annotated[bool | None, typer.Option("--build-engine/--no-build-engine", help="Build the TensorRT plan when TensorRT and a GPU are present. [default: yes]")] = None,
+    build_engine: Annotated[
+        bool | None,
+        typer.Option(
+            "--build-engine/--no-build-engine", help="Build the TensorRT plan when TensorRT and a GPU are present. [default: yes]"
+        ),
+    ] = None,
     data_root: DataRootOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime threads for the parity check.")] = None,
     out: OutOpt = None,
@@ -302,7 +381,9 @@ def export_cmd(
         results.print(f"ONNX Runtime runs {k['integer_convs']} of {k['convs']} convolutions as integer kernels")
     engine_info = metrics.get("tensorrt")
     if engine_info and not engine_info["built"]:
-        results.print(f"TensorRT engine not built here: {engine_info['reason']}\nbuild it on the GPU machine with:\n  {engine_info['build_with']}")
+        results.print(
+            f"TensorRT engine not built here: {engine_info['reason']}\nbuild it on the GPU machine with:\n  {engine_info['build_with']}"
+        )
     for note in metrics["notes"]:
         results.print(f"note: {note}")
 
@@ -369,10 +450,20 @@ def _print_gates(gates: list[Any]) -> bool:
 @user_errors
 def gate_cmd(
     report: Annotated[Path, typer.Argument(help="report.json written by `ssql-deploy bench`.")],
-    min_top1: Annotated[list[str] | None, typer.Option("--min-top1", help="NAME=PERCENT: that row's top-1 is at least PERCENT. Repeatable.")] = None,
-    max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="BITS=POINTS: every BITS row loses at most POINTS against its FP32 baseline. Repeatable.")] = None,
-    max_latency_ms: Annotated[list[str] | None, typer.Option("--max-latency-ms", help="NAME@BATCH=MS: p50 latency at most MS. Repeatable.")] = None,
-    min_speedup: Annotated[list[str] | None, typer.Option("--min-speedup", help="NAME@BATCH=X: at least X times faster than FP32 on the same runtime. Repeatable.")] = None,
+    min_top1: Annotated[
+        list[str] | None, typer.Option("--min-top1", help="NAME=PERCENT: that row's top-1 is at least PERCENT. Repeatable.")
+    ] = None,
+    max_drop: Annotated[
+        list[str] | None,
+        typer.Option("--max-drop", help="BITS=POINTS: every BITS row loses at most POINTS against its FP32 baseline. Repeatable."),
+    ] = None,
+    max_latency_ms: Annotated[
+        list[str] | None, typer.Option("--max-latency-ms", help="NAME@BATCH=MS: p50 latency at most MS. Repeatable.")
+    ] = None,
+    min_speedup: Annotated[
+        list[str] | None,
+        typer.Option("--min-speedup", help="NAME@BATCH=X: at least X times faster than FP32 on the same runtime. Repeatable."),
+    ] = None,
 ) -> None:
     """Check a bench report against thresholds: exit 0 when every gate passes, 1 otherwise."""
     from ssql_deploy.bench.gate import evaluate_gates, load_report

@@ -23,7 +23,9 @@ def check_classes(meta: ModelMeta, data: str, root: Path | None) -> None:
         )
 
 
-def eval_loader(data: str, root: Path | None, size: int, subset: int | None, batch_size: int, workers: int, download: bool = False) -> DataLoader[Any]:
+def eval_loader(
+    data: str, root: Path | None, size: int, subset: int | None, batch_size: int, workers: int, download: bool = False
+) -> DataLoader[Any]:
     spec = get_spec(data)
     dataset = load_split(data, "test", root, eval_transform(size, spec.mean, spec.std), download, subset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -12,9 +12,9 @@ from ssql_deploy.bench.gate import GateResult, evaluate_gates
 from ssql_deploy.bench.stage import run_bench
 from ssql_deploy.export.stage import run_export
 from ssql_deploy.finetune import run_finetune
+from ssql_deploy.pretrain.trainer import run_pretrain
 from ssql_deploy.progress import console
 from ssql_deploy.quant.stage import run_quantize
-from ssql_deploy.pretrain.trainer import run_pretrain
 from ssql_deploy.recipe import BenchRecipe, ExportRecipe, FinetuneRecipe, PipelineRecipe, PretrainRecipe, QuantizeRecipe, validate
 from ssql_deploy.run import MANIFEST
 
@@ -49,7 +49,9 @@ def run_pipeline(recipe: PipelineRecipe, source: str) -> tuple[dict[str, Any], l
         run_quantize(QuantizeRecipe(source=out, bits=bits, calib=q.calib, percentile=q.percentile, calib_size=q.calib_size, **common))
         for engine in recipe.export.engines:
             _stage(f"export {bits} for {engine}")
-            run_export(ExportRecipe(source=out, bits=bits, engine=engine, ort_kernel=recipe.export.ort_kernel, data_root=finetune.data_root))
+            run_export(
+                ExportRecipe(source=out, bits=bits, engine=engine, ort_kernel=recipe.export.ort_kernel, data_root=finetune.data_root)
+            )
     _stage("bench")
     b = recipe.bench
     bench = run_bench(BenchRecipe(artifacts=[out], batch_sizes=b.batch_sizes, runs=b.runs, warmup=b.warmup, threads=b.threads,
@@ -59,4 +61,3 @@ def run_pipeline(recipe: PipelineRecipe, source: str) -> tuple[dict[str, Any], l
         g = recipe.gate
         gates = evaluate_gates(bench["report"], g.min_top1, g.max_drop, g.max_latency_ms, g.min_speedup)
     return bench, gates
-

@@ -55,7 +55,9 @@ def validate(cls: type[R], data: dict[str, Any], source: str) -> R:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "recipe"
         flag = "--" + where.replace("_", "-") if source == "command line" else where
-        raise UserError(f"{source}: {flag}: {err['msg'][0].lower()}{err['msg'][1:]}", "fix that value (see `--help` for each option)") from None
+        raise UserError(
+            f"{source}: {flag}: {err['msg'][0].lower()}{err['msg'][1:]}", "fix that value (see `--help` for each option)"
+        ) from None
 
 
 Mode = Literal["linear", "full"]
@@ -141,7 +143,9 @@ class QuantizeRecipe(DataRecipe):
     def _normalise_bits(self) -> "QuantizeRecipe":
         self.bits = _bit_spec(self.bits)
         if self.lsq and (self.epochs is None or self.epochs < 1):
-            raise UserError(f"LSQ needs --epochs of at least 1 (got {self.epochs})", "pass --epochs N, or drop --lsq for post-training quantization")
+            raise UserError(
+                f"LSQ needs --epochs of at least 1 (got {self.epochs})", "pass --epochs N, or drop --lsq for post-training quantization"
+            )
         if not self.lsq and (self.epochs is not None or self.train_steps_only or self.freeze_bn_after is not None):
             raise UserError("--epochs, --train-steps-only and --freeze-bn-after apply only to LSQ training", "add --lsq")
         return self

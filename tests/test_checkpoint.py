@@ -67,7 +67,7 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> N
     save_atomic({"epoch": 1}, path)
 
     class Unsaveable:
-        def __reduce__(self):  # noqa: ANN204
+        def __reduce__(self):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):

@@ -9,7 +9,13 @@ import torch
 from PIL import Image
 
 from ssql_deploy.data import (
-    TwoViews, eval_transform, get_spec, load_split, num_classes, ssl_view_transform, train_transform,
+    TwoViews,
+    eval_transform,
+    get_spec,
+    load_split,
+    num_classes,
+    ssl_view_transform,
+    train_transform,
 )  # fmt: skip
 from ssql_deploy.data.fashion_mnist import FashionMNIST
 from ssql_deploy.errors import UserError

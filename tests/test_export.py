@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import CliRun, assert_user_error
+
 from ssql_deploy.export.onnx_graph import build_onnx
 from ssql_deploy.export.ort_session import integer_conv_report, make_session
 from ssql_deploy.export.parity import check_parity

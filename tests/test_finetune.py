@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CliRun, assert_user_error, kill_9_once_written
+
 from ssql_deploy.models.checkpoint import load_checkpoint
 
 FAST = ["--arch", "test_resnet", "--batch-size", "64", "--lr", "0.05", "--workers", "0"]

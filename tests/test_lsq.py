@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CliRun, assert_user_error
+
 from ssql_deploy.models.checkpoint import load_checkpoint
 from ssql_deploy.quant.quantizer import ActQuantizer, WeightQuantizer, lsq_fake_quant
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CliRun, assert_user_error, kill_9_once_written
+
 from ssql_deploy.distributed import DistInfo
 from ssql_deploy.errors import UserError
 from ssql_deploy.models import create_model

@@ -214,8 +214,10 @@ def test_unquantized_network_input_is_reported() -> None:
 
 def test_unquantized_input_to_a_float_gemm_is_reported_alone() -> None:
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["flat"], name="flatten"),
-         helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], name="fc", transB=1)],  # fmt: skip
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], name="flatten"),
+            helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], name="fc", transB=1),
+        ],  # fmt: skip
         "fc_only",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
@@ -261,13 +263,18 @@ def test_graphs_that_are_not_qdq_give_violations_not_exceptions() -> None:
     assert _rules(no_opset) == {"conv-input-dq", "input-quantized", "weight-per-channel", "opset"}
     assert check_trt_qdq(onnx.ModelProto()) == [RuleViolation("opset", "", "default-domain opset None < 13")]
     broken = helper.make_graph(  # Q/DQ with missing or computed inputs, a dangling Add, a cycle through MaxPool
-        [helper.make_node("QuantizeLinear", ["x"], ["q"], name="q"),
-         helper.make_node("DequantizeLinear", ["q", "s"], ["dq"], name="dq"),
-         helper.make_node("DequantizeLinear", [], ["dq2"], name="dq2"),
-         helper.make_node("Add", ["dq", "p"], ["a"], name="add"),
-         helper.make_node("MaxPool", ["p"], ["p"], name="loop"),
-         helper.make_node("Conv", ["p"], ["c"], name="conv")],  # fmt: skip
-        "broken", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], [], [],
+        [
+            helper.make_node("QuantizeLinear", ["x"], ["q"], name="q"),
+            helper.make_node("DequantizeLinear", ["q", "s"], ["dq"], name="dq"),
+            helper.make_node("DequantizeLinear", [], ["dq2"], name="dq2"),
+            helper.make_node("Add", ["dq", "p"], ["a"], name="add"),
+            helper.make_node("MaxPool", ["p"], ["p"], name="loop"),
+            helper.make_node("Conv", ["p"], ["c"], name="conv"),
+        ],  # fmt: skip
+        "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [],
+        [],
     )
     found = check_trt_qdq(helper.make_model(broken, opset_imports=[helper.make_opsetid("", 17)]))
     assert {"signed-int8", "activation-per-tensor", "conv-input-dq", "residual-add"} <= {v.rule for v in found}

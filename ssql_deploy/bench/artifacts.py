@@ -37,7 +37,9 @@ def _onnx_meta(path: Path) -> dict[str, str]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends for non-ONNX files
-        raise UserError(f"{path} is not an ONNX model ({type(exc).__name__})", "pass a .onnx file written by `ssql-deploy export`") from None
+        raise UserError(
+            f"{path} is not an ONNX model ({type(exc).__name__})", "pass a .onnx file written by `ssql-deploy export`"
+        ) from None
     return {p.key: p.value for p in model.metadata_props}
 
 
@@ -45,7 +47,9 @@ def _meta_from(props: dict[str, Any], path: Path) -> ModelMeta:
     try:
         return ModelMeta(str(props["arch"]), str(props["stem"]), int(props["num_classes"]), int(props["input_size"]), str(props["data"]))
     except KeyError:
-        raise UserError(f"{path} carries no ssql-deploy metadata (arch, input size, dataset)", "bench artifacts written by `ssql-deploy export`") from None
+        raise UserError(
+            f"{path} carries no ssql-deploy metadata (arch, input size, dataset)", "bench artifacts written by `ssql-deploy export`"
+        ) from None
 
 
 def from_file(path: Path) -> Artifact:
@@ -63,7 +67,16 @@ def from_file(path: Path) -> Artifact:
         onnx_props = _onnx_meta(path.with_name(QDQ_FILE)) if path.with_name(QDQ_FILE).is_file() else {}
         bits = onnx_props.get("bits", "unknown")
         label = onnx_props.get("variant", bits)
-        return Artifact(f"trt-{label}", "tensorrt", bits, "plan", path, _meta_from(onnx_props, path), reference=f"torch-{label}", notes=[str(props.get("flags", ""))])
+        return Artifact(
+            f"trt-{label}",
+            "tensorrt",
+            bits,
+            "plan",
+            path,
+            _meta_from(onnx_props, path),
+            reference=f"torch-{label}",
+            notes=[str(props.get("flags", ""))],
+        )
     obj = load_checkpoint(path)
     if obj.get("format") != "ssql-deploy" or "arch" not in obj:
         raise UserError(f"{path} is not a model written by ssql-deploy", "bench run directories, .onnx, .plan or ssql-deploy .pt files")

@@ -81,7 +81,9 @@ def evaluate_gates(
         bits, _, points = _split(spec, "--max-drop", False)
         rows = [r for r in report["rows"] if r["bits"] == bits]
         if not rows:
-            raise UserError(f"the report has no {bits} rows for --max-drop", f"bit-widths: {', '.join(sorted({r['bits'] for r in report['rows']}))}")
+            raise UserError(
+                f"the report has no {bits} rows for --max-drop", f"bit-widths: {', '.join(sorted({r['bits'] for r in report['rows']}))}"
+            )
         for row in rows:
             if row["status"].startswith("skipped"):
                 results.append(GateResult(f"{row['name']} drops <= {points:g} points", None, row["status"]))
@@ -96,14 +98,18 @@ def evaluate_gates(
         row = _row(report, name)
         latency = _latency(row, str(batch))
         ok = latency is not None and latency["p50_ms"] <= ms
-        results.append(GateResult(f"p50 of {name} @{batch} <= {ms:g} ms", ok, _status(row, f"{latency['p50_ms']:.3f} ms" if latency else "")))
+        results.append(
+            GateResult(f"p50 of {name} @{batch} <= {ms:g} ms", ok, _status(row, f"{latency['p50_ms']:.3f} ms" if latency else ""))
+        )
     for spec in min_speedup:
         name, batch, factor = _split(spec, "--min-speedup", True)
         row = _row(report, name)
         _latency(row, str(batch))
         ratio = speedup(report["rows"], row, str(batch)) if row["status"] == "ok" else None
         ok = ratio is not None and ratio >= factor
-        results.append(GateResult(f"speed-up of {name} @{batch} >= {factor:g}x", ok, _status(row, f"{ratio:.2f}x" if ratio else "no FP32 baseline")))
+        results.append(
+            GateResult(f"speed-up of {name} @{batch} >= {factor:g}x", ok, _status(row, f"{ratio:.2f}x" if ratio else "no FP32 baseline"))
+        )
     return results
 
 

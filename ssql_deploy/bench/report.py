@@ -7,10 +7,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+from rich.table import Table
 
-from ssql_deploy.run import write_text_atomic  # noqa: E402
+from ssql_deploy.run import write_text_atomic
 
 _STATUS_STYLE = {"ok": "green", "skipped": "yellow", "check failed": "red", "export failed": "red"}
 

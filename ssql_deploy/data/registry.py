@@ -42,7 +42,9 @@ def _fashion(root: Path, split: Split, transform: Any, download: bool) -> Datase
     return FashionMNIST(root, split, transform)
 
 
-def _torchvision(cls: type, split_arg: Callable[[Split], dict[str, Any]], splits: dict[Split, tuple[str, ...]] | None = None) -> Callable[[Path, Split, Any, bool], Dataset[Any]]:
+def _torchvision(
+    cls: type, split_arg: Callable[[Split], dict[str, Any]], splits: dict[Split, tuple[str, ...]] | None = None
+) -> Callable[[Path, Split, Any, bool], Dataset[Any]]:
     """Adapter for torchvision dataset classes; `splits` joins several official splits (train+val)."""
 
     def build(root: Path, split: Split, transform: Any, download: bool) -> Dataset[Any]:

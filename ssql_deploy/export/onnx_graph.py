@@ -31,7 +31,6 @@ from ssql_deploy.quant.fold import bn_affine
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, QuantLinear
 
 Engine = Literal["ort", "trt"]
-ENGINES: tuple[Engine, ...] = ("ort", "trt")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
@@ -286,4 +285,3 @@ def build_onnx(
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.checker.check_model(model, full_check=True)
     return model
-

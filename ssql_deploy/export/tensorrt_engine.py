@@ -71,7 +71,7 @@ def trtexec_command(
     """
     batches = _check_batches(min_batch, opt_batch, max_batch)
     c, h, w = chw
-    shapes = [f"--{k}Shapes={input_name}:{n}x{c}x{h}x{w}" for k, n in zip(("min", "opt", "max"), batches)]
+    shapes = [f"--{k}Shapes={input_name}:{n}x{c}x{h}x{w}" for k, n in zip(("min", "opt", "max"), batches, strict=True)]
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", "--int8", "--fp16", *shapes]
     return " ".join(shlex.quote(a) for a in args)
 

@@ -62,7 +62,9 @@ class _Graph:
         self.consts: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
         for node in self.nodes:
             if node.op_type == "Constant" and node.output:
-                self.consts.update({node.output[0]: a.t for a in node.attribute if a.name == "value"})
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.consts[node.output[0]] = attr.t
         self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in self.nodes:
@@ -246,6 +248,6 @@ def check_trt_qdq(model: onnx.ModelProto) -> list[RuleViolation]:
     for rule, check in _CHECKS.items():
         try:
             found.extend(RuleViolation(rule, node, message) for node, message in check(g))
-        except Exception as e:  # noqa: BLE001 - a malformed graph is a finding, not a crash
+        except Exception as e:
             found.append(RuleViolation(rule, "", f"could not be checked: {type(e).__name__}: {e}"))
     return found

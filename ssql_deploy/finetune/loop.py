@@ -94,14 +94,18 @@ def fit_classifier(
         with progress_bar() as bar:
             task = bar.add_task(f"{stage} epoch {epoch + 1}/{sched.epochs}", total=steps, visible=dist.is_main)
             for step, (images, labels) in enumerate(train_loader):
-                set_lr(optimizer, lr_at(epoch + step / steps, sched.lr, sched.epochs, sched.schedule, sched.milestones, sched.warmup_epochs))  # type: ignore[arg-type]
+                set_lr(
+                    optimizer, lr_at(epoch + step / steps, sched.lr, sched.epochs, sched.schedule, sched.milestones, sched.warmup_epochs)
+                )  # type: ignore[arg-type]
                 images, labels = images.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
                 logits = net(images)
                 loss = criterion(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                sums += torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64)
+                sums += torch.tensor(
+                    [loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64
+                )
                 bar.update(task, advance=1, status=f"loss {sums[0] / sums[2]:.3f}")
         model.eval()
         top1, n_test = evaluate_top1(model, test_loader, dist.device, dist, "test top-1")

@@ -63,7 +63,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     stage_dir = recipe.out / STAGE
     assert recipe.epochs is not None and recipe.lr is not None and recipe.weight_decay is not None
 
-    train_set = load_split(recipe.data, "train", recipe.data_root, train_transform(size, spec.mean, spec.std), recipe.download, recipe.subset)
+    train_set = load_split(
+        recipe.data, "train", recipe.data_root, train_transform(size, spec.mean, spec.std), recipe.download, recipe.subset
+    )
     test_set = load_split(recipe.data, "test", recipe.data_root, eval_transform(size, spec.mean, spec.std), recipe.download, recipe.subset)
     if len(train_set) < recipe.batch_size:  # type: ignore[arg-type]
         raise UserError(
@@ -82,7 +84,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    sched = Schedule(recipe.epochs, recipe.lr, recipe.schedule, recipe.milestones, recipe.warmup_epochs, recipe.seed, recipe.label_smoothing)
+    sched = Schedule(
+        recipe.epochs, recipe.lr, recipe.schedule, recipe.milestones, recipe.warmup_epochs, recipe.seed, recipe.label_smoothing
+    )
 
     def payload(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
         return model_payload(kind, model, meta, **extra)

@@ -57,5 +57,3 @@ def create_model(name: str, num_classes: int, stem: Stem = "imagenet", zero_init
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
     spec = _REGISTRY[name]
     return ResNet(spec.block, list(spec.layers), num_classes, spec.base_width, stem, zero_init_residual)
-
-

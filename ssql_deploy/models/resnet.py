@@ -113,9 +113,7 @@ class ResNet(nn.Module):
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], width: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != width * block.expansion:
-            downsample = nn.Sequential(
-                _conv1x1(self.inplanes, width * block.expansion, stride), nn.BatchNorm2d(width * block.expansion)
-            )
+            downsample = nn.Sequential(_conv1x1(self.inplanes, width * block.expansion, stride), nn.BatchNorm2d(width * block.expansion))
         layers = [block(self.inplanes, width, stride, downsample)]
         self.inplanes = width * block.expansion
         layers += [block(self.inplanes, width) for _ in range(1, blocks)]

@@ -38,7 +38,9 @@ def model_payload(kind: str, model: nn.Module, meta: ModelMeta, **extra: Any) ->
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **meta.as_dict(), "model": model.state_dict(), **extra}
 
 
-def load_trained(path: Path, arch: str | None = None, data: str | None = None, input_size: int | None = None) -> tuple[ResNet, ModelMeta, Path]:
+def load_trained(
+    path: Path, arch: str | None = None, data: str | None = None, input_size: int | None = None
+) -> tuple[ResNet, ModelMeta, Path]:
     """A classifier from a run directory, one of our checkpoints, or (with --arch) a plain state dict.
 
     Plain state dicts (torchvision, SSQL reference) carry no metadata: the class count is read

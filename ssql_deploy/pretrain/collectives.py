@@ -32,12 +32,12 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
         ctx.n = len(t)
         return gather(t)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         tdist.all_reduce(grad)  # every process's loss contributes to this process's rows
         start = rank() * ctx.n

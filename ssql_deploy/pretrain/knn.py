@@ -19,7 +19,9 @@ from ssql_deploy.progress import progress_bar
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, loader: DataLoader[Any], device: torch.device, dist: DistInfo, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(
+    backbone: nn.Module, loader: DataLoader[Any], device: torch.device, dist: DistInfo, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     features, labels = [], []
     with progress_bar() as bar:
         task = bar.add_task(f"kNN: {what}", total=len(loader), visible=dist.is_main)
@@ -30,7 +32,9 @@ def embed(backbone: nn.Module, loader: DataLoader[Any], device: torch.device, di
     return torch.cat(features), torch.cat(labels)
 
 
-def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int, temperature: float) -> torch.Tensor:
+def knn_predict(
+    features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int, temperature: float
+) -> torch.Tensor:
     """Class predictions for L2-normalized `features` from a labelled, L2-normalized bank."""
     similarity = features @ bank.t()
     weights, index = similarity.topk(min(k, len(bank)), dim=1)

@@ -114,7 +114,9 @@ def _check_sync_bn(recipe: PretrainRecipe, dist: DistInfo) -> None:
         )
 
 
-def _payload(recipe: PretrainRecipe, method: SSLMethod, optimizer: torch.optim.Optimizer, stem: str, size: int, pos: _Position) -> dict[str, Any]:
+def _payload(
+    recipe: PretrainRecipe, method: SSLMethod, optimizer: torch.optim.Optimizer, stem: str, size: int, pos: _Position
+) -> dict[str, Any]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "pretrain-state",
         "method": recipe.method, "arch": recipe.arch, "stem": stem, "input_size": size, "data": recipe.data,
@@ -194,14 +196,19 @@ class _Session:
         with progress_bar() as bar:
             task = bar.add_task(f"epoch {epoch + 1}/{recipe.epochs}", total=steps, completed=skip, visible=dist.is_main)
             for step, ((x1, x2), _) in enumerate(self.loader(skip), start=skip):
-                set_lr(optimizer, lr_at(epoch + step / steps, recipe.lr, recipe.epochs, recipe.schedule, recipe.milestones, recipe.warmup_epochs))
+                set_lr(
+                    optimizer,
+                    lr_at(epoch + step / steps, recipe.lr, recipe.epochs, recipe.schedule, recipe.milestones, recipe.warmup_epochs),
+                )
                 loss, stats = self.net(x1.to(dist.device, non_blocking=True), x2.to(dist.device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 method.after_step()
                 zero = loss.new_zeros(())
-                sums += torch.stack([loss.detach(), stats.get("loss_fp", zero), stats.get("loss_q", zero), stats["z_std"], zero + 1]).double()
+                sums += torch.stack(
+                    [loss.detach(), stats.get("loss_fp", zero), stats.get("loss_q", zero), stats["z_std"], zero + 1]
+                ).double()
                 if "w_bits" in stats:
                     for role in ("w", "a"):
                         key = str(stats[f"{role}_bits"])
@@ -210,7 +217,9 @@ class _Session:
                 status = None
                 if (step + 1) % STATUS_EVERY == 0 or step + 1 == steps:  # the only host reads of the loss
                     mean = (sums / sums[-1]).tolist()
-                    status = f"loss {mean[0]:.4f}  z-std {mean[3]:.4f}" + (f"  w{stats['w_bits']}a{stats['a_bits']}" if "w_bits" in stats else "")
+                    status = f"loss {mean[0]:.4f}  z-std {mean[3]:.4f}" + (
+                        f"  w{stats['w_bits']}a{stats['a_bits']}" if "w_bits" in stats else ""
+                    )
                 bar.update(task, advance=1, **({"status": status} if status else {}))
                 if recipe.save_every_steps and pos.global_step % recipe.save_every_steps == 0 and step + 1 < steps:
                     if dist.is_main:
@@ -277,7 +286,9 @@ def run_pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict[str, Any]
     if dist.is_main and not (stage_dir / BACKBONE).exists():  # a resumed run that had already finished
         _write_backbone(method, stage_dir)
     result = _final_metrics(recipe, stage_dir, dist) | {
-        "wall_seconds_this_session": round(time.time() - started, 1), "replicas_in_sync": in_sync}
+        "wall_seconds_this_session": round(time.time() - started, 1),
+        "replicas_in_sync": in_sync,
+    }
     log.close()
     if dist.is_main:
         settings = recipe.model_dump(mode="json") | {"resolved": {"stem": stem, "input_size": data.input_size}}

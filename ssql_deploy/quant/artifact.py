@@ -41,7 +41,9 @@ def find_quantized(run_dir: Path, bits: BitSpec | None, lsq: bool = False) -> Pa
         path = quant_dir(run_dir, bits, lsq) / QUANT_FILE
         if not path.is_file():
             how = f"--bits {bits}" + (" --lsq --epochs N" if lsq else "")
-            raise UserError(f"{run_dir} has no {variant(bits, lsq)} model ({path} is missing)", f"run `ssql-deploy quantize {run_dir} {how}` first")
+            raise UserError(
+                f"{run_dir} has no {variant(bits, lsq)} model ({path} is missing)", f"run `ssql-deploy quantize {run_dir} {how}` first"
+            )
         return path
     found = sorted((run_dir / "quant").glob(f"*/{QUANT_FILE}"))
     if not found:

@@ -70,4 +70,3 @@ def calibrate(
     for q in quantizers.values():
         q.enabled = True
     return ranges
-

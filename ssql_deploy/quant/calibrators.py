@@ -58,7 +58,7 @@ class Calibrator(ABC):
     def _collect(self, x: torch.Tensor) -> None:
         del x
 
-    def _reset(self) -> None:
+    def _reset(self) -> None:  # noqa: B027 - a hook: only calibrators with histograms have state to clear
         pass
 
     @abstractmethod

@@ -51,18 +51,29 @@ def _train_mode(gm: fx.GraphModule, freeze_bn_after: int | None) -> Callable[[in
 
 
 def train_lsq(
-    gm: fx.GraphModule, meta: ModelMeta, recipe: QuantizeRecipe, calib_batch: torch.Tensor, data: str, info: dict[str, Any], out_dir: Path, resume: bool
+    gm: fx.GraphModule,
+    meta: ModelMeta,
+    recipe: QuantizeRecipe,
+    calib_batch: torch.Tensor,
+    data: str,
+    info: dict[str, Any],
+    out_dir: Path,
+    resume: bool,
 ) -> dict[str, Any]:
     """Learn the step sizes (and, unless `train_steps_only`, the weights) of a calibrated model in place."""
     assert recipe.epochs is not None
     spec = get_spec(data)
-    train_set = load_split(data, "train", recipe.data_root, train_transform(meta.input_size, spec.mean, spec.std), recipe.download, recipe.subset)
+    train_set = load_split(
+        data, "train", recipe.data_root, train_transform(meta.input_size, spec.mean, spec.std), recipe.download, recipe.subset
+    )
     if len(train_set) < recipe.batch_size:  # type: ignore[arg-type]
         raise UserError(
             f"LSQ needs a training set: {data} train has {len(train_set)} images, fewer than one batch of {recipe.batch_size}",  # type: ignore[arg-type]
             "lower --batch-size, raise --subset or point --data at a dataset with a training split",
         )
-    test_set = load_split(data, "test", recipe.data_root, eval_transform(meta.input_size, spec.mean, spec.std), recipe.download, recipe.subset)
+    test_set = load_split(
+        data, "test", recipe.data_root, eval_transform(meta.input_size, spec.mean, spec.std), recipe.download, recipe.subset
+    )
     one = DistInfo()
     loaders = (make_loader(train_set, recipe.batch_size, True, one, recipe.workers, recipe.seed),
                make_loader(test_set, recipe.batch_size, False, one, recipe.workers, recipe.seed))  # fmt: skip

@@ -24,7 +24,6 @@ from ssql_deploy.quant.fold import fold_batchnorm
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, WeightQuantizer
 
 Layout = Literal["ssql", "ort", "trt"]
-LAYOUTS: tuple[Layout, ...] = ("ssql", "ort", "trt")
 STEM_BITS = 8
 PointKind = Literal["relu", "input", "branch", "skip"]
 _ADD_OPS = (operator.add, operator.iadd, torch.add)
@@ -153,16 +152,9 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def act_quantizers(gm: nn.Module) -> dict[str, ActQuantizer]:
     """Activation quantizers by point name (the graph node they follow)."""
-    return {
-        name.removeprefix("aq_"): m for name, m in gm.named_children() if isinstance(m, ActQuantizer)
-    }
+    return {name.removeprefix("aq_"): m for name, m in gm.named_children() if isinstance(m, ActQuantizer)}
 
 
 def weight_quantizers(gm: nn.Module) -> dict[str, WeightQuantizer]:
     """Weight quantizers by the path of the layer that owns them."""
-    return {
-        name.removesuffix(".weight_quantizer"): m
-        for name, m in gm.named_modules()
-        if isinstance(m, WeightQuantizer)
-    }
-
+    return {name.removesuffix(".weight_quantizer"): m for name, m in gm.named_modules() if isinstance(m, WeightQuantizer)}

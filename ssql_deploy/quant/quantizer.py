@@ -250,8 +250,17 @@ class QuantConv2d(nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int) -> "QuantConv2d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
         q.weight, q.bias = conv.weight, conv.bias
         q.weight_quantizer = WeightQuantizer(bits)
         return q
