@@ -91,7 +91,7 @@ def main() -> None:
                           "lsq": ort_top1(out / f"export/{bits}-lsq-ort/model.qdq.onnx")}  # fmt: skip
             with LOG.open("a") as f:
                 f.write(f"{method} {bits}: {json.dumps(rows[bits])}\n")
-        fp32 = ort_top1(RUNS / f"{method}-lsq/export/fp32/model.onnx")
+        fp32 = ort_top1(RUNS / f"{method}-minmax/export/fp32/model.onnx")  # the fine-tuned model (LSQ moves the weights)
         result["methods"][method] = {"fp32_onnx_top1": fp32, "bits": rows}
     (RESULTS / "lsq_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'method':8s} {'bits':5s} {'best PTQ (calibrator)':>24s} {'LSQ':>7s}")
