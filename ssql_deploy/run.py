@@ -13,9 +13,11 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ssql_deploy import __version__
 from ssql_deploy.errors import UserError
@@ -32,24 +34,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def make_readable(fd: int) -> None:
-    """mkstemp creates files only the owner can read; give them the usual mode (0644 under umask 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+@contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Write to a temporary file beside `path`, fsync, then rename it over `path`.
 
-
-def write_text_atomic(path: Path, text: str) -> None:
+    A crash or kill -9 mid-write leaves the previous file intact, never a truncated one; every
+    checkpoint, manifest, report, ONNX model and TensorRT plan is written through here.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    make_readable(fd)
+    umask = os.umask(0)  # mkstemp makes owner-only files; give the usual mode (0644 under umask 022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def versions() -> dict[str, str]:

@@ -25,7 +25,7 @@ from ssql_deploy.quant.calib_set import load_calibration
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.placement import ActPoint, trace
 from ssql_deploy.recipe import ExportRecipe
-from ssql_deploy.run import write_manifest, write_text_atomic
+from ssql_deploy.run import atomic_open, write_manifest, write_text_atomic
 
 STAGE = "export"
 QDQ_FILE, FP32_FILE, PLAN_FILE = "model.qdq.onnx", "model.onnx", "model.plan"
@@ -36,10 +36,8 @@ def export_dir(run_dir: Path, label: str, engine: str) -> Path:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    onnx.save(model, tmp)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as f:
+        f.write(model.SerializeToString())  # weights embedded: no external-data paths to resolve
 
 
 def export_float(float_model: torch.nn.Module, meta: ModelMeta, run_dir: Path) -> Path:

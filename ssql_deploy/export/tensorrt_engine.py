@@ -10,7 +10,6 @@ network) lets TensorRT use FP16 for the float layers around them (the stem input
 """
 
 import json
-import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ssql_deploy.errors import UserError
+from ssql_deploy.run import atomic_open, write_text_atomic
 
 WORKSPACE_GIB = 2.0
 _INSTALL_FIX = "install TensorRT 10 (`pip install tensorrt`) on a machine with an NVIDIA GPU and CUDA-enabled torch"
@@ -76,20 +76,6 @@ def trtexec_command(
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _write_atomic(path: Path, data: Any) -> None:
-    """Write via a temporary file and os.replace, so a crash never leaves a truncated plan or sidecar."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def sidecar_path(plan_path: str | Path) -> Path:
     """`model.plan` -> `model.plan.json`: build facts live next to the plan, never inside it."""
     return Path(f"{plan_path}.json")
@@ -145,7 +131,8 @@ def build_engine(
             f"try a larger workspace than {workspace_gib} GiB, or run: "
             + trtexec_command(onnx_file, plan_file, input_name, chw, min_b, opt_b, max_b),
         )
-    _write_atomic(plan_file, plan)
+    with atomic_open(plan_file, "wb") as f:
+        f.write(plan)
     info: dict[str, Any] = {
         "plan": plan_file.name,
         "onnx": str(onnx_file),
@@ -158,7 +145,7 @@ def build_engine(
         "workspace_gib": workspace_gib,
         "plan_bytes": plan_file.stat().st_size,
     }
-    _write_atomic(sidecar_path(plan_file), (json.dumps(info, indent=2) + "\n").encode())
+    write_text_atomic(sidecar_path(plan_file), json.dumps(info, indent=2) + "\n")
     return info
 
 

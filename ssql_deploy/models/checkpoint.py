@@ -9,9 +9,7 @@ execution to unpickle is refused, never run):
 - this tool's own checkpoints (`{"format": "ssql-deploy", ...}`).
 """
 
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from rich.table import Table
 from torch import nn
 
 from ssql_deploy.errors import UserError
-from ssql_deploy.run import make_readable
+from ssql_deploy.run import atomic_open
 
 FORMAT = "ssql-deploy"
 FORMAT_VERSION = 1
@@ -34,19 +32,9 @@ _AUX_WORDS = ("quantizer", "observer", "fake_quant", "activation_post_process", 
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    make_readable(fd)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save that never leaves a half-written checkpoint (see `run.atomic_open`)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
