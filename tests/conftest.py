@@ -41,6 +41,8 @@ def kill_9_once_written(args: list[str], checkpoint: Path, timeout: float = 120)
     deadline = time.time() + timeout
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    assert proc.poll() is None, f"the run exited (code {proc.returncode}) before it could be killed"
+    assert checkpoint.exists(), f"no {checkpoint.name} within {timeout:.0f} s"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
