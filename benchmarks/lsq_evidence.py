@@ -68,18 +68,7 @@ def main() -> None:
             ptq = {}
             for calib in CALIBRATORS:
                 out = RUNS / f"{method}-{calib}"
-                cli(
-                    "quantize",
-                    run,
-                    "--bits",
-                    bits,
-                    "--calib",
-                    calib,
-                    "--workers",
-                    "1",
-                    "--out",
-                    out,
-                )
+                cli("quantize", run, "--bits", bits, "--calib", calib, "--workers", "1", "--out", out)
                 cli("export", out, "--bits", bits, "--engine", "ort")
                 ptq[calib] = ort_top1(out / f"export/{bits}-ort/model.qdq.onnx")
             best = max(ptq, key=ptq.__getitem__)

@@ -52,17 +52,8 @@ def pretrain(name: str, epochs: int | None, log: Path) -> float:
     if (out / "pretrain/manifest.json").is_file():
         return json.loads((out / "pretrain/manifest.json").read_text())["metrics"]["wall_seconds_this_session"]
     recipe, extra = RUNS_BY_NAME[name]
-    args = [
-        sys.executable,
-        "-m",
-        "ssql_deploy",
-        "pretrain",
-        "--recipe",
-        f"recipes/pretrain/fashion-mnist-{recipe}.yaml",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    args = [sys.executable, "-m", "ssql_deploy", "pretrain", "--recipe", f"recipes/pretrain/fashion-mnist-{recipe}.yaml", "--out", str(out)]
+    args += extra
     if epochs:
         args += ["--epochs", str(epochs)]
     if (out / "pretrain/last.pt").is_file():

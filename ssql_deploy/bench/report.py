@@ -84,8 +84,8 @@ def markdown(report: dict[str, Any]) -> str:
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]  # fmt: skip
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    if notes(report):
-        lines += ["", "Notes:", *(f"- {n}" for n in notes(report))]
+    if found := notes(report):
+        lines += ["", "Notes:", *(f"- {n}" for n in found)]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ Payload = Callable[[str, dict[str, Any]], dict[str, Any]]  # (kind, extra fields
 class Schedule:
     epochs: int
     lr: float
-    schedule: str = "cosine"
+    schedule: Literal["step", "cosine"] = "cosine"
     milestones: list[float] | None = None
     warmup_epochs: int = 0
     seed: int = 0
@@ -96,7 +96,7 @@ def fit_classifier(
             for step, (images, labels) in enumerate(train_loader):
                 set_lr(
                     optimizer, lr_at(epoch + step / steps, sched.lr, sched.epochs, sched.schedule, sched.milestones, sched.warmup_epochs)
-                )  # type: ignore[arg-type]
+                )
                 images, labels = images.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
                 logits = net(images)
                 loss = criterion(logits, labels)
