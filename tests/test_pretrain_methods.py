@@ -239,6 +239,38 @@ def test_weights_are_quantized_once_per_pass_with_unchanged_gradients(monkeypatc
         assert torch.allclose(memoized[name], recomputed[name], rtol=1e-5, atol=1e-7), name
 
 
+def test_relus_merged_into_their_quantizers_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssql_deploy.pretrain import ssql_branch
+
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+
+    def run(method: SSLMethod) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, _ = method(x1, x2)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+    def relu_calls(method: SSLMethod) -> int:
+        assert isinstance(method, SSQL)
+        twin = method.branch.backbone
+        return sum(n.op == "call_module" and isinstance(twin.get_submodule(n.target), nn.ReLU) for n in twin.graph.nodes)
+
+    merged = _method("ssql", fixed_bits="w3a4")
+    assert isinstance(merged, SSQL)
+    twin = merged.branch.backbone
+    assert relu_calls(merged) == 0
+    assert sum(isinstance(m, ssql_branch._ReLUThenQuantize) for m in twin.children()) == len(act_quantizers(twin))
+    loss, grads = run(merged)
+
+    monkeypatch.setattr(ssql_branch, "_merge_relus", lambda gm: None)  # ReLU, then the quantizer
+    plain = _method("ssql", fixed_bits="w3a4")
+    assert relu_calls(plain) == len(act_quantizers(twin))
+    plain_loss, plain_grads = run(plain)
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], plain_grads[name]), name
+
+
 def test_float_and_quantized_forwards_share_parameters() -> None:
     method = _method("ssql")
     assert isinstance(method, SSQL)

@@ -14,7 +14,7 @@ from ssql_deploy.quant.calib_set import load_calibration
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.calibrators import CALIBRATORS, NonFiniteActivation, make_calibrator
 from ssql_deploy.quant.placement import act_quantizers, prepare
-from ssql_deploy.quant.quantizer import ActQuantizer, WeightQuantizer
+from ssql_deploy.quant.quantizer import ActQuantizer, WeightQuantizer, fake_quant
 
 
 @pytest.mark.parametrize("text, w, a", [("w4a4", 4, 4), ("W2A8", 2, 8), ("8", 8, 8), (" w3a5 ", 3, 5)])
@@ -73,6 +73,36 @@ def activations(tiny_run: Path, fmnist_root: Path) -> dict[str, torch.Tensor]:
         for x in batches:
             gm(x)
     return {k: torch.cat(v) for k, v in seen.items()}
+
+
+def test_straight_through_window_is_the_rounding_rule(activations: dict[str, torch.Tensor]) -> None:
+    """The backward's window test equals "round(x / s) + zp lands in [qmin, qmax]", per tensor and per channel,
+    and the fused ReLU equals a ReLU followed by the quantizer, in value and gradient."""
+    branch = activations["layer2_0_conv2"]  # a real pre-ReLU tensor: both signs, long tails
+    grad_out = torch.randn_like(branch)
+    scale, zero = branch.abs().max() / 40, torch.tensor(9.0)
+    for zp, (qmin, qmax) in ((None, (-8, 7)), (zero, (0, 15)), (None, (0, 255))):
+        x = branch.clone().requires_grad_()
+        y = fake_quant(x, scale, zp, qmin, qmax)
+        y.backward(grad_out)
+        q = torch.round(branch * scale.reciprocal()) + (0 if zp is None else zp)
+        assert torch.equal(y.detach(), (q.clamp(qmin, qmax) - (0 if zp is None else zp)) * scale)
+        assert torch.equal(x.grad, torch.where((q >= qmin) & (q <= qmax), grad_out, 0.0))
+        assert 0 < int((x.grad == 0).sum()) < x.numel()  # both sides of the window are exercised
+    fused = branch.clone().requires_grad_()
+    plain = branch.clone().requires_grad_()
+    y_fused = fake_quant(fused, scale, None, 0, 15, relu=True)
+    y_plain = fake_quant(torch.relu(plain), scale, None, 0, 15)
+    (y_fused * grad_out).sum().backward()
+    (y_plain * grad_out).sum().backward()
+    assert torch.equal(y_fused, y_plain) and torch.equal(fused.grad, plain.grad)
+    with pytest.raises(ValueError, match="zero-point 0"):
+        fake_quant(branch, scale, zero, 0, 15, relu=True)
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    wq = WeightQuantizer(3)
+    wq(w).backward(torch.ones_like(w))
+    ints = torch.round(w.detach() * wq.scale(w).view(-1, 1, 1, 1).reciprocal())
+    assert torch.equal(w.grad, (ints.abs() <= 3).float())
 
 
 @pytest.mark.parametrize("name", CALIBRATORS)
