@@ -13,8 +13,9 @@ all methods alike. Run from the repo root on a quiet machine:
     .venv/bin/python benchmarks/pretrain_step_time.py            # full measurement (20 rounds)
     .venv/bin/python benchmarks/pretrain_step_time.py --steps 2  # smoke run: checks the script, not the claim
 
-Writes benchmarks/results/pretrain_step_time.json and prints a table; exits 1 when a full run
-measures a ratio above the limit.
+Writes benchmarks/results/pretrain_step_time.json and prints the rounds and a table (the committed
+pretrain_step_time.log is that console output, `> benchmarks/results/pretrain_step_time.log 2>&1`);
+exits 1 when a full run measures a ratio above the limit.
 """
 
 import argparse

@@ -89,8 +89,8 @@ class _ReLUThenQuantize(nn.Module):
 
     Float pass: the ReLU, then the quantizer observing its range, as before. Quantized pass: the
     quantizer's clamp at 0 already is the ReLU and its gradient window starting at 0 is the ReLU's
-    gradient, so the ReLU's own passes over the tensor (forward and backward, a third of the
-    elementwise work of a quantized activation) are skipped; the result is identical.
+    gradient, so the ReLU's own forward and backward passes over the tensor (two of the eight
+    elementwise passes a quantized activation took) are skipped; the result is identical.
     """
 
     def __init__(self, relu: nn.Module, quantizer: ActQuantizer) -> None:

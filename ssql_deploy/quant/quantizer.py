@@ -48,12 +48,12 @@ class _FakeQuant(torch.autograd.Function):
 
     Speed decides how this is written: in SSQL pretraining the fake quantization is all that a
     quantized pass costs on top of a float one, and it runs on every activation twice per step.
-    torch.fake_quantize_per_*_affine cost 3-6 ns per element here (not vectorised across threads)
-    against well under 1 ns per op for the in-place chain below. The backward is one pass with no
-    mask: with u = x / scale, round(u) + zp lies in [qmin, qmax] exactly when u lies in the open
-    window (qmin - zp - 0.5, qmax - zp + 0.5) (ties aside), and a window test with constant bounds
-    is one fused, vectorised kernel (hardtanh's backward); a saved boolean mask with torch.where
-    took several times as long. With `relu` the clamp at qmin = 0 is the ReLU and the window starting
+    torch.fake_quantize_per_*_affine (one kernel, but not vectorised) took several times as long
+    here as the in-place chain below. The backward is one pass with no mask: with u = x / scale,
+    round(u) + zp lies in [qmin, qmax] exactly when u lies in the open window
+    (qmin - zp - 0.5, qmax - zp + 0.5) (ties aside), and a window test with constant bounds is one
+    fused, vectorised kernel (hardtanh's backward); a saved boolean mask with torch.where took
+    several times as long. With `relu` the clamp at qmin = 0 is the ReLU and the window starting
     at 0 is its gradient, so a preceding ReLU can be dropped (see pretrain/ssql_branch.py).
     Rounding is half-to-even, as in ONNX Runtime's QuantizeLinear; multiplying by 1/scale (as
     torch's own kernels do) instead of dividing can differ from ORT only at exact rounding ties,
