@@ -55,23 +55,24 @@ class _FakeQuant(torch.autograd.Function):
     fused, vectorised kernel (hardtanh's backward); a saved boolean mask with torch.where took
     several times as long. With `relu` the clamp at qmin = 0 is the ReLU and the window starting
     at 0 is its gradient, so a preceding ReLU can be dropped (see pretrain/ssql_branch.py).
-    Rounding is half-to-even, as in ONNX Runtime's QuantizeLinear; multiplying by 1/scale (as
-    torch's own kernels do) instead of dividing can differ from ORT only at exact rounding ties,
-    which the parity check counts.
+    Rounding is x / scale, half-to-even, exactly as ONNX Runtime's QuantizeLinear computes it:
+    multiplying by 1/scale instead (as torch's own kernels do) flips values that sit at a rounding
+    tie, and each flip cascades through the layers after it, so the exported graph would drift
+    from its simulation layer by layer (tests/test_export.py bounds that drift). On this
+    memory-bound chain the division costs no more than the multiplication.
     """
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int, relu: bool
     ) -> torch.Tensor:
-        inverse = scale.reciprocal()
-        q = torch.mul(x, inverse).round_()
+        q = torch.div(x, scale).round_()
         if zero_point is None:
             q.clamp_(qmin, qmax)
         else:
             q.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
         if x.requires_grad:
-            ctx.save_for_backward(x, inverse, zero_point)
+            ctx.save_for_backward(x, scale.reciprocal(), zero_point)
             ctx.window = (0.0 if relu else qmin - 0.5, qmax + 0.5)
         return q.mul_(scale)
 
