@@ -9,6 +9,7 @@ Every number is top-1 of the exported QDQ ONNX model in an ONNX Runtime session 
 test images (the FP32 row is the FP32 ONNX export of the same fine-tuned model).
 
     .venv/bin/python benchmarks/lsq_evidence.py
+    .venv/bin/python benchmarks/lsq_evidence.py --summarize   # only recompute the differences from the JSON
 
 Writes benchmarks/results/lsq_evidence.json and .log.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ssql_deploy.data import DataSource  # noqa: E402
 from ssql_deploy.evaluate import eval_loader  # noqa: E402
 from ssql_deploy.export.ort_session import make_session  # noqa: E402
 
@@ -42,14 +44,31 @@ def cli(*args: str | Path) -> None:
 def ort_top1(path: Path) -> float:
     session = make_session(path, 2)
     correct = total = 0
-    for images, labels in eval_loader("fashion-mnist", None, 32, None, 500, 1):
+    for images, labels in eval_loader(DataSource.of("fashion-mnist", None, 32), None, 500, 1):
         correct += int((session.run(None, {"input": images.numpy()})[0].argmax(1) == labels.numpy()).sum())
         total += len(labels)
     return round(100.0 * correct / total, 2)
 
 
+def differences(methods: dict) -> dict:
+    """The gaps the README quotes, computed from the measured top-1s: LSQ over the best PTQ calibrator, LSQ under
+    FP32, and SSQL minus SimSiam for the best PTQ and for LSQ."""
+    out: dict = {"lsq_minus_best_ptq": {}, "fp32_minus_lsq": {}, "ssql_minus_simsiam": {}}
+    for method, data in methods.items():
+        out["lsq_minus_best_ptq"][method] = {b: round(r["lsq"] - r["best_ptq"], 2) for b, r in data["bits"].items()}
+        out["fp32_minus_lsq"][method] = {b: round(data["fp32_onnx_top1"] - r["lsq"], 2) for b, r in data["bits"].items()}
+    sim, ssql = methods["simsiam"]["bits"], methods["ssql"]["bits"]
+    out["ssql_minus_simsiam"] = {k: {b: round(ssql[b][k] - sim[b][k], 2) for b in BITS} for k in ("best_ptq", "lsq")}
+    return out
+
+
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if "--summarize" in sys.argv:  # only recompute the differences in the existing JSON
+        path = RESULTS / "lsq_evidence.json"
+        result = json.loads(path.read_text())
+        path.write_text(json.dumps(result | {"differences": differences(result["methods"])}, indent=2) + "\n")
+        return
     LOG.write_text("")
     result: dict = {
         "benchmark": "lsq_evidence",
@@ -82,6 +101,7 @@ def main() -> None:
                 f.write(f"{method} {bits}: {json.dumps(rows[bits])}\n")
         fp32 = ort_top1(RUNS / f"{method}-minmax/export/fp32/model.onnx")  # the fine-tuned model (LSQ moves the weights)
         result["methods"][method] = {"fp32_onnx_top1": fp32, "bits": rows}
+    result["differences"] = differences(result["methods"])
     (RESULTS / "lsq_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'method':8s} {'bits':5s} {'best PTQ (calibrator)':>24s} {'LSQ':>7s}")
     for method, data in result["methods"].items():

@@ -28,7 +28,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssql_deploy.data import eval_transform, get_spec, load_split  # noqa: E402
+from ssql_deploy.data import DataSource, eval_transform, get_spec, load_split  # noqa: E402
 from ssql_deploy.finetune.probe import quantized_linear_eval  # noqa: E402
 from ssql_deploy.models import create_model  # noqa: E402
 from ssql_deploy.models.checkpoint import load_checkpoint  # noqa: E402
@@ -74,21 +74,32 @@ def backbone(name: str) -> nn.Module:
     return model.eval()
 
 
+def differences(methods: dict) -> dict:
+    """Every run's linear top-1 minus SimSiam's, per bit-width: the figures the README quotes, computed here."""
+    base = methods["simsiam"]["linear_top1"]
+    return {name: {b: round(row["linear_top1"][b] - base[b], 2) for b in BITS} for name, row in methods.items() if name != "simsiam"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (same for both)")
     parser.add_argument("--runs", default="simsiam,ssql", help=f"comma-separated, from {', '.join(RUNS_BY_NAME)}")
+    parser.add_argument("--summarize", action="store_true", help="only recompute the differences in the existing JSON")
     args = parser.parse_args()
     names = args.runs.split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / "ssql_vs_simsiam.log"
     output = RESULTS / "ssql_vs_simsiam.json"
+    if args.summarize:
+        result = json.loads(output.read_text())
+        output.write_text(json.dumps(result | {"minus_simsiam": differences(result["methods"])}, indent=2) + "\n")
+        return
     torch.set_num_threads(2)
     spec = get_spec("fashion-mnist")
     transform = eval_transform(32, spec.mean, spec.std)
     train = torch.utils.data.DataLoader(load_split("fashion-mnist", "train", None, transform), batch_size=512, num_workers=1)
     test = torch.utils.data.DataLoader(load_split("fashion-mnist", "test", None, transform), batch_size=512, num_workers=1)
-    calib, calib_path = load_calibration("fashion-mnist", None, 512, 32, ROOT / "calib")
+    calib, calib_path = load_calibration(DataSource.of("fashion-mnist", None, 32), 512, ROOT / "calib")
     result: dict = {"benchmark": "ssql_vs_simsiam", "arch": ARCH, "calib_manifest": str(calib_path.relative_to(ROOT)),
                     "linear_eval": "frozen backbone, min-max PTQ, linear classifier on cached features of 60k train images, 10k test images",
                     "methods": {}}  # fmt: skip
@@ -105,6 +116,7 @@ def main() -> None:
         }  # fmt: skip
         with log.open("a") as f:
             f.write(f"{name}: {json.dumps(result['methods'][name])}\n")
+    result["minus_simsiam"] = differences(result["methods"])
     output.write_text(json.dumps(result, indent=2) + "\n")
     print("linear evaluation top-1 (%), frozen backbone quantized with min-max PTQ")
     print(f"{'method':10s}" + "".join(f"{b:>8s}" for b in BITS))

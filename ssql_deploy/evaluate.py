@@ -7,28 +7,34 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ssql_deploy.data import eval_transform, get_spec, load_split, num_classes
+from ssql_deploy.data import DataSource, num_classes
 from ssql_deploy.distributed import DistInfo, all_reduce_sum
 from ssql_deploy.errors import UserError
 from ssql_deploy.models.trained import ModelMeta
-from ssql_deploy.progress import progress_bar
+from ssql_deploy.progress import console, progress_bar
 
 
-def check_classes(meta: ModelMeta, data: str, root: Path | None) -> None:
-    classes = num_classes(data, root)
+def model_data(meta: ModelMeta, data: str | None, root: Path | None, input_size: int | None = None, download: bool = False) -> DataSource:
+    """The data a later stage feeds the model: the run's own unless flags override it; says which it used."""
+    source = meta.source(data, root, input_size, download)
+    given = [flag for flag, value in (("--data", data), ("--data-root", root), ("--input-size", input_size)) if value is not None]
+    origin = f"{', '.join(given)} given" if given else "as the model was trained"
+    console.print(f"data: {source.describe()}, normalised as in training ({origin})", highlight=False)
+    check_classes(meta, source)
+    return source
+
+
+def check_classes(meta: ModelMeta, source: DataSource) -> None:
+    classes = num_classes(source.data, source.root)
     if classes != meta.num_classes:
         raise UserError(
-            f"the model classifies {meta.num_classes} classes but {data} has {classes}",
-            f"pass the dataset it was fine-tuned on ({meta.data}), or fine-tune it on {data} first",
+            f"the model classifies {meta.num_classes} classes but {source.data} has {classes}",
+            f"pass the dataset it was fine-tuned on ({meta.data}), or fine-tune it on {source.data} first",
         )
 
 
-def eval_loader(
-    data: str, root: Path | None, size: int, subset: int | None, batch_size: int, workers: int, download: bool = False
-) -> DataLoader[Any]:
-    spec = get_spec(data)
-    dataset = load_split(data, "test", root, eval_transform(size, spec.mean, spec.std), download, subset)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+def eval_loader(source: DataSource, subset: int | None, batch_size: int, workers: int) -> DataLoader[Any]:
+    return DataLoader(source.split("test", subset), batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 def shard(dataset: Dataset[Any], dist: DistInfo) -> Dataset[Any]:

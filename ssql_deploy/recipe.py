@@ -5,19 +5,49 @@ manifest as JSON, and an unknown key is an error that names the key and the vali
 typo never silently falls back to a default.
 """
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
 
 from ssql_deploy.errors import UserError
 
 R = TypeVar("R", bound="Recipe")
 
 
+def _not_a_file(path: Path | None) -> Path | None:
+    """A directory the stage will create or reuse: an existing regular file there is a mistake, caught before any work."""
+    if path is not None and path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is an existing file, not a directory; pass a directory (it is created if missing)")
+    return path
+
+
+Directory = Annotated[Path, AfterValidator(_not_a_file)]
+
+
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Non-finite numbers are refused everywhere: `--lr inf` would otherwise train to NaN and exit 0.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    _explicit: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_explicit(cls, data: Any, handler: Callable[[Any], "Recipe"]) -> "Recipe":
+        """Which keys the user gave (recipe file or flags), before any validator fills defaults in.
+
+        A resumed or reused stage takes the settings the user left out from the run and checks the
+        ones given against it (see train_state.resume_recipe).
+        """
+        recipe = handler(data)
+        if isinstance(data, dict):
+            recipe._explicit = frozenset(data)
+        return recipe
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        return self._explicit
 
     @classmethod
     def build(cls: type[R], recipe_file: Path | None = None, **overrides: Any) -> R:
@@ -29,9 +59,12 @@ class Recipe(BaseModel):
 
 def load_yaml(path: Path, cls: type[BaseModel]) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"recipe {path} does not exist", "check the path; recipes/ holds the shipped ones")
+        what = "is a directory, not a recipe file" if path.is_dir() else "does not exist"
+        raise UserError(f"recipe {path} {what}", "check the path; recipes/ holds the shipped ones")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not a text file (it is not valid UTF-8)", "pass a YAML recipe, e.g. from recipes/") from None
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})", "fix the syntax") from None
     if not isinstance(data, dict):
@@ -53,15 +86,26 @@ def validate(cls: type[R], data: dict[str, Any], source: str) -> R:
         return cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        fields = [str(p) for p in err["loc"] if isinstance(p, str)]  # ("batch_sizes", 0) names the option, not its item
+        where = ".".join(fields) or "recipe"
         flag = "--" + where.replace("_", "-") if source == "command line" else where
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        ours = err["type"] == "value_error"  # our validators' messages name the value and say the fix after "; "
+        problem, _, fix = msg.partition("; ") if ours else (msg, "", "")
+        value = "" if ours or isinstance(err.get("input"), dict) or not fields else f" (got {err['input']!r})"
+        prefix = "" if source == "command line" else f"{source}: "
         raise UserError(
-            f"{source}: {flag}: {err['msg'][0].lower()}{err['msg'][1:]}", "fix that value (see `--help` for each option)"
+            f"{prefix}{flag}: {problem[0].lower()}{problem[1:]}{value}", fix or "fix that value (see `--help` for each option)"
         ) from None
 
 
 Mode = Literal["linear", "full"]
 Stem = Literal["auto", "cifar", "imagenet"]
+Schedule = Literal["step", "cosine"]
+Calibrator = Literal["minmax", "percentile", "mse", "entropy"]
+Engine = Literal["ort", "trt"]
+OrtKernel = Literal["auto", "gemm", "symmetric"]
+LsqInit = Literal["calibrated", "lsq"]
 
 # SSQL reference settings (SSQL.md): linear eval 100 epochs, lr 30, wd 0, steps at 60/80;
 # full fine-tuning 50 epochs, lr 0.01, wd 1e-4, steps at 30/40.
@@ -75,7 +119,7 @@ class DataRecipe(Recipe):
     """Fields shared by every stage that reads a dataset."""
 
     data: str = "fashion-mnist"
-    data_root: Path | None = None
+    data_root: Directory | None = None
     download: bool = False
     subset: int | None = Field(default=None, ge=1)
     input_size: int | None = Field(default=None, ge=8)
@@ -93,13 +137,13 @@ class FinetuneRecipe(DataRecipe):
     lr: float | None = Field(default=None, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float | None = Field(default=None, ge=0)
-    schedule: Literal["step", "cosine"] = "step"
+    schedule: Schedule = "step"
     milestones: list[float] | None = None  # fractions of the epochs at which lr drops 10x
     warmup_epochs: int = Field(default=0, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     sync_bn: bool = False
     seed: int = 0
-    out: Path = Path("runs/finetune")
+    out: Directory = Path("runs/finetune")
 
     @model_validator(mode="after")
     def _fill_mode_defaults(self) -> "FinetuneRecipe":
@@ -107,6 +151,13 @@ class FinetuneRecipe(DataRecipe):
             if getattr(self, key) is None:
                 setattr(self, key, value)
         return self
+
+
+def _ordered_profile(batches: list[int]) -> list[int]:
+    low, opt, high = (batches + [0, 0, 0])[:3]
+    if len(batches) == 3 and not low <= opt <= high:
+        raise ValueError(f"the TensorRT profile needs min <= opt <= max, got {','.join(map(str, batches))}; for example 1,8,32")
+    return batches
 
 
 def _bit_spec(value: str) -> str:
@@ -123,18 +174,18 @@ class QuantizeRecipe(DataRecipe):
     arch: str | None = None  # only for plain state dicts, which do not name their architecture
     data: str | None = None  # default: the dataset the model was fine-tuned on
     bits: str = "w8a8"
-    calib: Literal["minmax", "percentile", "mse", "entropy"] = "percentile"
+    calib: Calibrator = "percentile"
     percentile: float = Field(default=99.99, gt=50, le=100)
     calib_size: int = Field(default=512, ge=1)
-    calib_dir: Path = Path("calib")
+    calib_dir: Directory = Path("calib")
     batch_size: int = Field(default=256, ge=1)
-    out: Path | None = None  # default: the source run directory
+    out: Directory | None = None  # default: the source run directory
     # LSQ quantization-aware training, seeded from the calibration above
     lsq: bool = False
     epochs: int | None = None
     lr: float = Field(default=0.01, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
-    lsq_init: Literal["calibrated", "lsq"] = "calibrated"
+    lsq_init: LsqInit = "calibrated"
     freeze_bn_after: int | None = Field(default=None, ge=0)
     train_steps_only: bool = False
     seed: int = 0
@@ -156,21 +207,18 @@ class ExportRecipe(Recipe):
     source: Path
     bits: str | None = None  # which quantized model of the run; optional when it holds one
     lsq: bool = False  # the LSQ-trained model of those bits rather than the PTQ one
-    engine: Literal["ort", "trt"] = "ort"
-    ort_kernel: Literal["auto", "gemm", "symmetric"] = "auto"
-    trt_batches: list[int] = Field(default=[1, 8, 32], min_length=3, max_length=3)
+    engine: Engine = "ort"
+    ort_kernel: OrtKernel = "auto"
+    trt_batches: Annotated[list[PositiveInt], AfterValidator(_ordered_profile)] = Field(default=[1, 8, 32], min_length=3, max_length=3)
     build_engine: bool = True
-    data_root: Path | None = None
+    data_root: Directory | None = None
     threads: int | None = Field(default=None, ge=1)
-    out: Path | None = None  # default: the source run directory
+    out: Directory | None = None  # default: the source run directory
 
     @model_validator(mode="after")
     def _normalise(self) -> "ExportRecipe":
         if self.bits is not None:
             self.bits = _bit_spec(self.bits)
-        low, opt, high = self.trt_batches
-        if not 1 <= low <= opt <= high:
-            raise ValueError("trt_batches must be min <= opt <= max, each >= 1")
         return self
 
 
@@ -178,35 +226,31 @@ class BenchRecipe(DataRecipe):
     kind: Literal["bench"] = "bench"
     artifacts: list[Path] = Field(min_length=1)
     data: str | None = None  # default: the dataset the artifacts were trained on
-    batch_sizes: list[int] = Field(default=[1, 32], min_length=1)
+    batch_sizes: list[PositiveInt] = Field(default=[1, 32], min_length=1)
     warmup: int = Field(default=10, ge=1)
     runs: int = Field(default=50, ge=50)
+    rounds: int = Field(default=10, ge=2)  # timed runs are split into rounds that rotate over the artifacts
     threads: int | None = Field(default=None, ge=1)  # default: all cores
     eval_batch: int = Field(default=256, ge=1)
-    out: Path = Path("runs/bench")
-
-    @model_validator(mode="after")
-    def _positive_batches(self) -> "BenchRecipe":
-        if any(b < 1 for b in self.batch_sizes):
-            raise ValueError("batch sizes must be positive")
-        return self
+    out: Directory = Path("runs/bench")
 
 
 class PipelineQuantize(Recipe):
     bits: list[str] = Field(default=["w8a8"], min_length=1)
-    calib: Literal["minmax", "percentile", "mse", "entropy"] = "percentile"
+    calib: Calibrator = "percentile"
     percentile: float = Field(default=99.99, gt=50, le=100)
     calib_size: int = Field(default=512, ge=1)
 
 
 class PipelineExport(Recipe):
-    engines: list[Literal["ort", "trt"]] = Field(default=["ort"], min_length=1)
-    ort_kernel: Literal["auto", "gemm", "symmetric"] = "auto"
+    engines: list[Engine] = Field(default=["ort"], min_length=1)
+    ort_kernel: OrtKernel = "auto"
 
 
 class PipelineBench(Recipe):
-    batch_sizes: list[int] = Field(default=[1, 32], min_length=1)
+    batch_sizes: list[PositiveInt] = Field(default=[1, 32], min_length=1)
     runs: int = Field(default=50, ge=50)
+    rounds: int = Field(default=10, ge=2)
     warmup: int = Field(default=10, ge=1)
     threads: int | None = Field(default=None, ge=1)
     subset: int | None = Field(default=None, ge=1)
@@ -217,13 +261,14 @@ class PipelineGate(Recipe):
     max_drop: list[str] = []
     max_latency_ms: list[str] = []
     min_speedup: list[str] = []
+    strict: bool = False  # skipped rows fail every gate instead of skipping it
 
 
 class PipelineRecipe(Recipe):
     """[pretrain ->] finetune -> quantize (each bit spec) -> export (each engine) -> bench -> gate, in one run directory."""
 
     kind: Literal["pipeline"] = "pipeline"
-    out: Path
+    out: Directory
     pretrain: dict[str, Any] | None = None  # a pretrain recipe without `out`; finetune then starts from it
     finetune: dict[str, Any]  # a finetune recipe without `out`
     quantize: PipelineQuantize = PipelineQuantize()
@@ -250,7 +295,7 @@ class PretrainRecipe(DataRecipe):
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
-    schedule: Literal["step", "cosine"] = "cosine"
+    schedule: Schedule = "cosine"
     milestones: list[float] | None = None
     warmup_epochs: int = Field(default=0, ge=0)
     w_bits: str = "2-8"  # SSQL: inclusive range each step's weight width is drawn from
@@ -270,7 +315,7 @@ class PretrainRecipe(DataRecipe):
     save_every_steps: int | None = Field(default=None, ge=1)
     sync_bn: bool = False
     seed: int = 0
-    out: Path = Path("runs/pretrain")
+    out: Directory = Path("runs/pretrain")
 
     @model_validator(mode="after")
     def _resolve_method(self) -> "PretrainRecipe":

@@ -1,18 +1,14 @@
-"""Run directories and stage manifests.
+"""Files of a run: atomic writes, content hashes, and what produced them (versions, git commit).
 
 A run directory holds one sub-directory per stage (`pretrain/`, `finetune/`, `quant/w4a4/`,
-`export/w8a8-ort/`, ...), each with a `manifest.json`: its inputs with sha256, every setting,
-its metrics, package versions and the git commit. Any stage can then be re-run alone, and a
-report can say exactly what produced a number.
+`export/w8a8-ort/`, ...), each committed by a manifest (manifest.py) once its files are complete.
 """
 
 import hashlib
-import json
 import os
 import platform
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -22,7 +18,6 @@ from typing import IO, Any
 from ssql_deploy import __version__
 from ssql_deploy.errors import UserError
 
-MANIFEST = "manifest.json"
 _PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "numpy", "pydantic")
 
 
@@ -34,6 +29,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def make_dir(path: Path) -> Path:
+    """mkdir -p that names the file in the way instead of raising FileExistsError / NotADirectoryError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise UserError(f"cannot create directory {path}: {blocker} is a file", "move that file away or choose another --out") from None
+    return path
+
+
 @contextmanager
 def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Write to a temporary file beside `path`, fsync, then rename it over `path`.
@@ -41,7 +46,7 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     A crash or kill -9 mid-write leaves the previous file intact, never a truncated one; every
     checkpoint, manifest, report, ONNX model and TensorRT plan is written through here.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)  # mkstemp makes owner-only files; give the usual mode (0644 under umask 022)
     os.umask(umask)
@@ -85,33 +90,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
-
-
-def write_manifest(
-    stage_dir: Path,
-    stage: str,
-    inputs: dict[str, Path],
-    settings: dict[str, Any],
-    metrics: dict[str, Any],
-    outputs: dict[str, Path] | None = None,
-) -> Path:
-    def describe(paths: dict[str, Path]) -> dict[str, dict[str, str]]:
-        return {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in paths.items() if p.is_file()}
-
-    manifest = {
-        "stage": stage,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": describe(inputs),
-        "outputs": describe(outputs or {}),
-        "settings": settings,
-        "metrics": metrics,
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-    }
-    path = stage_dir / MANIFEST
-    write_text_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
-    return path
 
 
 def resolve_checkpoint(path: Path, candidates: tuple[str, ...]) -> Path:

@@ -1,6 +1,7 @@
 """Shared fixtures: real Fashion-MNIST images, the CLI as a user runs it, and one tiny trained run."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,3 +73,17 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, cli: C
                  "--lr", "0.05", "--schedule", "cosine", "--workers", "0", "--out", out)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def deployed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, cli: CliRun) -> Path:
+    """A copy of the tiny run, quantized at w4a4 and exported for ONNX Runtime: every later stage has input."""
+    run = tmp_path_factory.mktemp("deployed") / "run"
+    shutil.copytree(tiny_run, run)
+    q = cli(
+        "quantize", run, "--bits", "w4a4", "--calib-size", "64", "--calib-dir", run.parent / "calib", "--subset", "256", "--workers", "0"
+    )
+    assert q.returncode == 0, q.stderr
+    e = cli("export", run, "--bits", "w4a4")
+    assert e.returncode == 0, e.stderr
+    return run

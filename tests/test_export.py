@@ -12,7 +12,7 @@ from conftest import CliRun, assert_user_error
 
 from ssql_deploy.export.onnx_graph import build_onnx
 from ssql_deploy.export.ort_session import integer_conv_report, make_session
-from ssql_deploy.export.parity import check_parity
+from ssql_deploy.export.parity import MAX_MISMATCH_FRACTION, check_parity
 from ssql_deploy.export.trt_rules import check_trt_qdq
 from ssql_deploy.models import create_model
 from ssql_deploy.models.trained import load_trained
@@ -27,7 +27,7 @@ PAIRS = list(itertools.product(range(2, 9), range(2, 9)))
 @pytest.fixture(scope="module")
 def trained(tiny_run: Path) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     model, meta, _ = load_trained(tiny_run)
-    images, _ = load_calibration("fashion-mnist", None, 64, meta.input_size, tiny_run / "calib")
+    images, _ = load_calibration(meta.source(), 64, tiny_run / "calib")
     return model.eval(), images
 
 
@@ -42,10 +42,12 @@ def test_every_bit_width_pair_exports_and_matches_pytorch(engine: str, trained: 
         assert exported.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
         parity = check_parity(gm, exported, images)
         assert parity["passed"] and parity["top1_agreement"] >= 99.0, (w, a, parity["top1_agreement"])
-        # A rounding tie resolved differently flips one element by one step; downstream, on finer grids, that
-        # can be several steps, but it stays rare: no layer may differ from PyTorch on more than 2% of values.
-        worst = max(layer["mismatch_fraction"] for layer in parity["per_layer"].values())
-        assert worst <= 0.02, (w, a, parity["per_layer"])
+        # Both sides quantize x / scale with ties to even; a float accumulation order that puts a value on the other side
+        # of a rounding boundary flips it by a step and the flip spreads downstream, but it stays rare in every layer.
+        layers = parity["per_layer"]
+        worst = max(layer["mismatch_fraction"] for layer in layers.values())
+        assert worst == parity["max_mismatch_fraction"] <= MAX_MISMATCH_FRACTION, (w, a, layers)
+        assert parity["first_mismatch"] == next((k for k, v in layers.items() if v["mismatch_fraction"] > 0), None)
         if engine == "trt":
             assert check_trt_qdq(exported) == [], (w, a)
         inits = {t.name: onnx.numpy_helper.to_array(t) for t in exported.graph.initializer}
@@ -103,7 +105,9 @@ def test_cli_quantize_export_bench_gate(tiny_run: Path, tmp_path: Path, cli: Cli
     assert rows["trt-w8a8"]["status"].startswith("skipped") and rows["trt-w8a8"]["top1"] is None
     ok = rows["qdq-ort-w8a8"]
     assert ok["status"] == "ok" and ok["n_images"] == 300 and set(ok["latency"]) == {"1", "4"}
-    assert ok["agreement_with_torch"] >= 90 and ok["size_bytes"] > 0 and report["env"]["threads"] >= 1
+    assert ok["agreement"] >= 99 and ok["agreement_with"].startswith("PyTorch twin") and ok["layout_agreement"] is not None
+    assert ok["speedup"]["4"]["baseline"] == "onnx-fp32" and ok["latency"]["4"]["rounds"] == 10
+    assert ok["size_bytes"] > 0 and report["env"]["threads"] >= 1
     assert (tmp_path / "bench/report.png").stat().st_size > 10_000 and "| name |" in (tmp_path / "bench/report.md").read_text()
 
     passed = cli("gate", tmp_path / "bench/report.json", "--min-top1", "onnx-fp32=10", "--max-drop", "w8a8=50",

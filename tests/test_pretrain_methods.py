@@ -325,3 +325,15 @@ def test_ranges_come_from_the_same_steps_float_forward() -> None:
     assert float(stem_q.hi) == pytest.approx(float(torch.maximum(stem_activation(x1).max(), stem_activation(x2).max())), rel=1e-5)
     assert float(stem_q.hi) < first  # reset each step, not a running max
     assert all(q.enabled and not q.observing for q in act_quantizers(twin).values())
+
+
+@pytest.mark.parametrize("name", ["simsiam", "ssql"])
+def test_default_heads_have_the_reference_cifar_parameter_count(name: str) -> None:
+    """configs/cifar/resnet18_{simsiam,ssql_simsiam}_cifar.yaml: DIM = HIDDEN_DIM = 2048 for projector and predictor."""
+    method = build_method(PretrainRecipe(method=name, arch="resnet18"), create_model("resnet18", 1, "cifar"), torch.device("cpu"))
+    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    backbone = sum(p.numel() for n, p in create_model("resnet18", 1, "cifar").named_parameters() if not n.startswith("fc."))
+    d, h, feat = 2048, 2048, 512
+    projector = feat * h + 2 * h + h * h + 2 * h + h * d  # Linear-BN-ReLU x2, Linear (bias frozen in the reference), BN without affine
+    predictor = d * h + 2 * h + h * d + d  # Linear-BN-ReLU, Linear with bias
+    assert trainable == backbone + projector + predictor

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssql_deploy.data import DataSource
 from ssql_deploy.errors import UserError
 from ssql_deploy.models.trained import load_trained
 from ssql_deploy.quant.bits import BitSpec
@@ -64,7 +65,7 @@ def test_activation_quantizer_grids_and_straight_through_gradient() -> None:
 def activations(tiny_run: Path, fmnist_root: Path) -> dict[str, torch.Tensor]:
     """Real post-ReLU and residual-branch activations of a trained model on Fashion-MNIST."""
     model, meta, _ = load_trained(tiny_run)
-    batches, _ = load_calibration("fashion-mnist", None, 64, meta.input_size, tiny_run / "calib")
+    batches, _ = load_calibration(meta.source(), 64, tiny_run / "calib")
     gm = prepare(model.eval(), "ort", BitSpec(8, 8))
     seen: dict[str, list[torch.Tensor]] = {}
     for name, q in act_quantizers(gm).items():
@@ -159,13 +160,13 @@ def test_calibrate_rejects_small_sets_and_nan_checkpoints(tiny_run: Path) -> Non
 
 
 def test_calibration_manifest_is_deterministic_and_guards_the_data(tiny_run: Path, tmp_path: Path) -> None:
-    a, path = load_calibration("fashion-mnist", None, 40, 32, tmp_path)
-    b, _ = load_calibration("fashion-mnist", None, 40, 32, tmp_path)
+    a, path = load_calibration(DataSource.of("fashion-mnist", None), 40, tmp_path)
+    b, _ = load_calibration(DataSource.of("fashion-mnist", None), 40, tmp_path)
     assert torch.equal(torch.cat(a), torch.cat(b)) and sum(len(x) for x in a) == 40
     manifest = json.loads(path.read_text())
     assert manifest["dataset"] == "fashion-mnist" and len(np.unique(manifest["indices"])) == 40
     path.write_text(path.read_text().replace(manifest["sha256"][3], "0" * 64))
     with pytest.raises(UserError, match="differs from calibration manifest"):
-        load_calibration("fashion-mnist", None, 40, 32, tmp_path)
+        load_calibration(DataSource.of("fashion-mnist", None), 40, tmp_path)
     with pytest.raises(UserError, match="must be positive"):
-        load_calibration("fashion-mnist", None, 0, 32, tmp_path)
+        load_calibration(DataSource.of("fashion-mnist", None), 0, tmp_path)

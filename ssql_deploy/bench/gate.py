@@ -1,16 +1,31 @@
 """`ssql-deploy gate`: pass/fail checks on a bench report, for CI (exit 0 all pass, 1 any fails).
 
-A gate that names a row or batch the report does not have is a mistake in the CI job, not a
-failed model: it is reported as bad input (exit 2) so it cannot pass or fail silently.
+Gates are parsed before anything is measured (a pipeline refuses a malformed gate up front). A
+gate that names a row or batch the report does not have is a mistake in the CI job, not a failed
+model: it is reported as bad input (exit 2) so it cannot pass or fail silently. A row that could
+not run here (TensorRT without a GPU) skips its gates unless `strict`; a row that ran but is not
+trustworthy (unverified, failed check) fails them. Speed gates judge the paired-round speed-up
+bench measured, never a ratio of two separately taken medians.
 """
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from ssql_deploy.bench.report import baseline, speedup
+from ssql_deploy.bench.schema import OK, Report, Row, baseline_name
 from ssql_deploy.errors import UserError
+
+GateKind = Literal["min_top1", "max_drop", "max_latency_ms", "min_speedup"]
+_FLAGS: dict[GateKind, str] = {"min_top1": "--min-top1", "max_drop": "--max-drop", "max_latency_ms": "--max-latency-ms",
+                               "min_speedup": "--min-speedup"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    kind: GateKind
+    target: str  # a row name; for max_drop a bit spec that selects rows
+    batch: str | None
+    value: float
 
 
 @dataclass(frozen=True)
@@ -20,98 +35,84 @@ class GateResult:
     detail: str
 
 
-def load_report(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"report {path} does not exist", "pass the report.json written by `ssql-deploy bench`")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not JSON", "pass the report.json written by `ssql-deploy bench`") from None
-    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
-        raise UserError(f"{path} is not a bench report (no rows)", "pass the report.json written by `ssql-deploy bench`")
-    return report
-
-
-def _split(spec: str, flag: str, with_batch: bool) -> tuple[str, str | None, float]:
+def _parse(kind: GateKind, spec: str) -> GateSpec:
+    flag, with_batch = _FLAGS[kind], kind in ("max_latency_ms", "min_speedup")
     try:
         left, value = spec.rsplit("=", 1)
         number = float(value)
     except ValueError:
-        form = "NAME@BATCH=VALUE" if with_batch else "NAME=VALUE"
+        form = "NAME@BATCH=VALUE" if with_batch else ("BITS=POINTS" if kind == "max_drop" else "NAME=VALUE")
         raise UserError(f"malformed {flag} {spec!r}", f"write it as {form}") from None
     if not with_batch:
-        return left, None, number
+        return GateSpec(kind, left, None, number)
     if "@" not in left:
         raise UserError(f"malformed {flag} {spec!r}: no batch size", "write it as NAME@BATCH=VALUE, e.g. qdq-ort-w8a8@32=3.5")
     name, batch = left.rsplit("@", 1)
-    return name, batch, number
+    return GateSpec(kind, name, batch, number)
 
 
-def _row(report: dict[str, Any], name: str) -> dict[str, Any]:
-    for row in report["rows"]:
-        if row["name"] == name:
-            return row
-    raise UserError(f"the report has no row {name!r}", f"rows: {', '.join(r['name'] for r in report['rows'])}")
-
-
-def _latency(row: dict[str, Any], batch: str) -> dict[str, float] | None:
-    if row["status"] != "ok":
-        return None
-    if batch not in row["latency"]:
-        raise UserError(f"row {row['name']!r} was not timed at batch {batch}", f"timed batches: {', '.join(row['latency'])}")
-    return row["latency"][batch]
-
-
-def evaluate_gates(
-    report: dict[str, Any],
-    min_top1: list[str] = (),  # type: ignore[assignment]
-    max_drop: list[str] = (),  # type: ignore[assignment]
-    max_latency_ms: list[str] = (),  # type: ignore[assignment]
-    min_speedup: list[str] = (),  # type: ignore[assignment]
-) -> list[GateResult]:
-    if not (min_top1 or max_drop or max_latency_ms or min_speedup):
+def parse_gates(min_top1: list[str], max_drop: list[str], max_latency_ms: list[str], min_speedup: list[str]) -> list[GateSpec]:
+    given: dict[GateKind, list[str]] = {
+        "min_top1": min_top1,
+        "max_drop": max_drop,
+        "max_latency_ms": max_latency_ms,
+        "min_speedup": min_speedup,
+    }
+    if not any(given.values()):
         raise UserError("no gates given", "add --min-top1, --max-drop, --max-latency-ms or --min-speedup")
-    results = []
-    for spec in min_top1:
-        name, _, value = _split(spec, "--min-top1", False)
-        row = _row(report, name)
-        top1 = row["top1"]
-        results.append(GateResult(f"top-1 of {name} >= {value:g}%", top1 is not None and top1 >= value, _status(row, f"{top1}%")))
-    for spec in max_drop:
-        bits, _, points = _split(spec, "--max-drop", False)
-        rows = [r for r in report["rows"] if r["bits"] == bits]
+    return [_parse(kind, spec) for kind, specs in given.items() for spec in specs]
+
+
+def _judge(row: Row, strict: bool, check: Callable[[], tuple[bool, str]]) -> tuple[bool | None, str]:
+    if row.skipped:
+        return (False if strict else None), row.status + (" (--strict)" if strict else "")
+    if row.status != OK:
+        return False, row.status
+    return check()
+
+
+def _timed(row: Row, batch: str) -> None:
+    if row.status == OK and batch not in row.latency:
+        raise UserError(f"row {row.name!r} was not timed at batch {batch}", f"timed batches: {', '.join(row.latency) or 'none'}")
+
+
+def _evaluate(report: Report, g: GateSpec, strict: bool) -> list[GateResult]:
+    if g.kind == "max_drop":
+        rows = [r for r in report.rows if r.bits == g.target]
         if not rows:
-            raise UserError(
-                f"the report has no {bits} rows for --max-drop", f"bit-widths: {', '.join(sorted({r['bits'] for r in report['rows']}))}"
-            )
+            raise UserError(f"the report has no {g.target} rows for --max-drop",
+                            f"bit-widths: {', '.join(sorted({r.bits for r in report.rows}))}")  # fmt: skip
+        results = []
         for row in rows:
-            if row["status"].startswith("skipped"):
-                results.append(GateResult(f"{row['name']} drops <= {points:g} points", None, row["status"]))
-                continue
-            base = baseline(report["rows"], row)
-            drop = None if base is None or row["top1"] is None else base["top1"] - row["top1"]
-            ok = drop is not None and drop <= points
-            detail = _status(row, f"{drop:.2f} points below {base['name']}" if drop is not None and base else "no FP32 baseline")
-            results.append(GateResult(f"{row['name']} drops <= {points:g} points", ok, detail))
-    for spec in max_latency_ms:
-        name, batch, ms = _split(spec, "--max-latency-ms", True)
-        row = _row(report, name)
-        latency = _latency(row, str(batch))
-        ok = latency is not None and latency["p50_ms"] <= ms
-        results.append(
-            GateResult(f"p50 of {name} @{batch} <= {ms:g} ms", ok, _status(row, f"{latency['p50_ms']:.3f} ms" if latency else ""))
-        )
-    for spec in min_speedup:
-        name, batch, factor = _split(spec, "--min-speedup", True)
-        row = _row(report, name)
-        _latency(row, str(batch))
-        ratio = speedup(report["rows"], row, str(batch)) if row["status"] == "ok" else None
-        ok = ratio is not None and ratio >= factor
-        results.append(
-            GateResult(f"speed-up of {name} @{batch} >= {factor:g}x", ok, _status(row, f"{ratio:.2f}x" if ratio else "no FP32 baseline"))
-        )
-    return results
+            base = next((r for r in report.rows if r.name == baseline_name(row) and r.top1 is not None), None)
+
+            def drop(row: Row = row, base: Row | None = base) -> tuple[bool, str]:
+                if base is None or row.top1 is None:
+                    return False, "no FP32 baseline measured"
+                points = base.top1 - row.top1  # type: ignore[operator]
+                return points <= g.value, f"{points:.2f} points below {base.name}"
+
+            results.append(GateResult(f"{row.name} drops <= {g.value:g} points", *_judge(row, strict, drop)))
+        return results
+    row = report.row(g.target)
+    if g.kind == "min_top1":
+        return [GateResult(f"top-1 of {row.name} >= {g.value:g}%",
+                           *_judge(row, strict, lambda: (row.top1 is not None and row.top1 >= g.value, f"{row.top1}%")))]  # fmt: skip
+    assert g.batch is not None
+    batch = g.batch
+    _timed(row, batch)
+    if g.kind == "max_latency_ms":
+        return [GateResult(f"p50 of {row.name} @{batch} <= {g.value:g} ms",
+                           *_judge(row, strict, lambda: (row.latency[batch].p50_ms <= g.value, f"{row.latency[batch].p50_ms:.3f} ms")))]  # fmt: skip
+
+    def speed() -> tuple[bool, str]:
+        s = row.speedup.get(batch)
+        if s is None:
+            return False, f"no paired speed-up against {baseline_name(row) or 'a baseline'} at batch {batch}"
+        return s.ratio >= g.value, f"{s.ratio:.2f}x vs {s.baseline} (rounds {s.low:.2f}-{s.high:.2f}x)"
+
+    return [GateResult(f"speed-up of {row.name} @{batch} >= {g.value:g}x", *_judge(row, strict, speed))]
 
 
-def _status(row: dict[str, Any], detail: str) -> str:
-    return detail if row["status"] == "ok" else f"{row['status']}"
+def evaluate_gates(report: Report, gates: list[GateSpec], strict: bool = False) -> list[GateResult]:
+    return [result for g in gates for result in _evaluate(report, g, strict)]

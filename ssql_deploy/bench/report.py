@@ -2,7 +2,6 @@
 
 import json
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -10,9 +9,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.table import Table
 
+from ssql_deploy.bench.schema import Report, Row
 from ssql_deploy.run import write_text_atomic
 
-_STATUS_STYLE = {"ok": "green", "skipped": "yellow", "check failed": "red", "export failed": "red"}
+_STATUS_STYLE = {"ok": "green", "skipped": "yellow", "unverified": "red", "check failed": "red", "export failed": "red"}
+METHOD_NOTES = (
+    "speed-up: against the FP32 row of the same runtime (TensorRT: the FP16 engine of the same network), the median "
+    "of per-round ratios over interleaved rounds, with the smallest and largest round in brackets",
+    "agreement: share of test images on which the artifact predicts what the PyTorch model of its own layout predicts; "
+    "'layout vs SSQL sim' compares that PyTorch model with the SSQL-layout simulation (the runtime's extra quantizers)",
+    "TensorRT latency is timed on device-resident buffers (no host copies in the timed region)",
+)
 
 
 def bits_order(bits: str) -> tuple[int, int]:
@@ -23,46 +30,32 @@ def bits_order(bits: str) -> tuple[int, int]:
     return (int(w), int(a))
 
 
-def baseline(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
-    """The FP32 row of the same runtime (PyTorch float for PyTorch, FP32 ONNX for everything else)."""
-    runtime = "torch" if row["runtime"] == "torch" else "onnxruntime"
-    for other in rows:
-        if other["bits"] == "fp32" and other["runtime"] == runtime and other["top1"] is not None:
-            return other
-    return None
-
-
-def speedup(rows: list[dict[str, Any]], row: dict[str, Any], batch: str) -> float | None:
-    base = baseline(rows, row)
-    if base is None or batch not in row["latency"] or batch not in base["latency"]:
-        return None
-    return base["latency"][batch]["p50_ms"] / row["latency"][batch]["p50_ms"]
-
-
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    rows = report["rows"]
-    batches = sorted({b for r in rows for b in r["latency"]}, key=int)
-    header = ["name", "runtime", "bits", "top-1 %", "agree %"]
-    header += [f"p50 ms @{b}" for b in batches] + [f"img/s @{batches[-1]}" if batches else "img/s", "speed-up", "MB", "status"]
+def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    rows = report.rows
+    batches = sorted({b for r in rows for b in r.latency}, key=int)
+    last = batches[-1] if batches else None
+    header = ["name", "runtime", "bits", "top-1 %", "agreement %", "layout vs SSQL sim %"]
+    header += [f"p50 ms @{b}" for b in batches] + [f"img/s @{last}" if last else "img/s", f"speed-up @{last}" if last else "speed-up"]
+    header += ["MB", "status"]
     body = []
     for r in rows:
-        last = batches[-1] if batches else None
-        cells = [r["name"], r["runtime"], r["bits"], _fmt(r["top1"], ".2f"), _fmt(r["agreement_with_torch"], ".1f")]
-        cells += [_fmt(r["latency"].get(b, {}).get("p50_ms"), ".2f") for b in batches]
-        cells += [_fmt(r["latency"].get(last, {}).get("images_per_s"), ".0f") if last else "-",
-                  _fmt(speedup(rows, r, last) if last else None, ".2f", "x"),
-                  _fmt(r["size_bytes"] / 1e6 if r["size_bytes"] else None, ".2f"), r["status"]]  # fmt: skip
+        cells = [r.name, r.runtime, r.bits, _fmt(r.top1, ".2f"), _fmt(r.agreement, ".1f"), _fmt(r.layout_agreement, ".1f")]
+        cells += [_fmt(r.latency[b].p50_ms if b in r.latency else None, ".2f") for b in batches]
+        speed = r.speedup.get(last) if last else None
+        cells += [_fmt(r.latency[last].images_per_s if last in r.latency else None, ".0f") if last else "-",
+                  f"{speed.ratio:.2f}x [{speed.low:.2f}-{speed.high:.2f}]" if speed else "-",
+                  _fmt(r.size_bytes / 1e6 if r.size_bytes else None, ".2f"), r.status]  # fmt: skip
         body.append(cells)
     return header, body
 
 
-def rich_table(report: dict[str, Any], title: str = "bench") -> Table:
+def rich_table(report: Report, title: str = "bench") -> Table:
     header, body = table_rows(report)
-    table = Table(title=f"{title} ({report['env']['threads']} threads, {report['env']['cpu']})")
+    table = Table(title=f"{title} ({report.env.threads} threads, {report.env.cpu})")
     for col in header:
         table.add_column(col, justify="left" if col in ("name", "runtime", "bits", "status") else "right")
     for cells in body:
@@ -72,15 +65,19 @@ def rich_table(report: dict[str, Any], title: str = "bench") -> Table:
     return table
 
 
-def markdown(report: dict[str, Any]) -> str:
+def notes(report: Report) -> list[str]:
+    """Where an artifact's numerics differ from the simulation, and how to build what was skipped."""
+    return [f"{r.name}: {n}" for r in report.rows for n in r.notes if n]
+
+
+def markdown(report: Report) -> str:
     header, body = table_rows(report)
-    env = report["env"]
+    env = report.env
     lines = [
         "# ssql-deploy bench report", "",
-        f"Dataset `{env['data']}` (full test split unless a subset was asked for); latency p50/p90 over "
-        f"{env['runs']} timed runs after {env['warmup']} warm-up runs on fixed inputs, {env['threads']} threads, {env['cpu']}.",
-        "Speed-up is against the FP32 row of the same runtime at the largest batch; agreement is the share of test images "
-        "on which the artifact predicts the same class as its PyTorch model.", "",
+        f"Dataset `{env.data}` (full test split unless a subset was asked for); latency p50/p90 over {env.runs} timed runs "
+        f"in {env.rounds} interleaved rounds after {env.warmup} warm-up runs on fixed inputs, {env.threads} threads, {env.cpu}.",
+        *(f"- {n}" for n in METHOD_NOTES), "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]  # fmt: skip
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -89,28 +86,23 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def notes(report: dict[str, Any]) -> list[str]:
-    """Where an artifact's numerics differ from the simulation, and how to build what was skipped."""
-    return [f"{r['name']}: {n}" for r in report["rows"] for n in r.get("notes", []) if n]
-
-
-def _series(row: dict[str, Any]) -> tuple[str, ...]:
+def _series(row: Row) -> tuple[str, ...]:
     """Accuracy-plot lines a row belongs to; the FP32 ONNX row starts both ONNX Runtime lines."""
-    if row["runtime"] == "torch":
+    if row.runtime == "torch":
         return ("PyTorch simulation",)
-    if row["runtime"] == "tensorrt":
+    if row.runtime == "tensorrt":
         return ("TensorRT",)
-    if row["bits"] == "fp32":
+    if row.bits == "fp32":
         return ("ONNX Runtime", "ONNX Runtime, TensorRT layout")
-    return ("ONNX Runtime, TensorRT layout",) if row["name"].startswith("qdq-trt") else ("ONNX Runtime",)
+    return ("ONNX Runtime, TensorRT layout",) if row.name.startswith("qdq-trt") else ("ONNX Runtime",)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    rows = [r for r in report["rows"] if r["top1"] is not None]
+def plot(report: Report, path: Path) -> None:
+    rows = [r for r in report.rows if r.top1 is not None]
     fig, (acc_ax, lat_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
-    order = sorted({r["bits"] for r in rows}, key=bits_order, reverse=True)
+    order = sorted({r.bits for r in rows}, key=bits_order, reverse=True)
     for label, marker in (("PyTorch simulation", "o"), ("ONNX Runtime", "s"), ("ONNX Runtime, TensorRT layout", "D"), ("TensorRT", "^")):
-        points = sorted((order.index(r["bits"]), r["top1"]) for r in rows if label in _series(r))
+        points = sorted((order.index(r.bits), r.top1) for r in rows if label in _series(r) and r.top1 is not None)
         if points:
             acc_ax.plot(*zip(*points, strict=True), marker=marker, label=label)
     acc_ax.set_xticks(range(len(order)), order)
@@ -119,15 +111,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     acc_ax.set_title("accuracy measured on each artifact")
     acc_ax.grid(alpha=0.3)
     acc_ax.legend()
-    batches = sorted({b for r in rows for b in r["latency"]}, key=int)
+    batches = sorted({b for r in rows for b in r.latency}, key=int)
     width = 0.8 / max(len(batches), 1)
     for i, batch in enumerate(batches):
-        values = [r["latency"].get(batch, {}).get("p50_ms", 0.0) for r in rows]
+        values = [r.latency[batch].p50_ms if batch in r.latency else 0.0 for r in rows]
         lat_ax.bar([j + i * width for j in range(len(rows))], values, width, label=f"batch {batch}")
-    lat_ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(rows))], [r["name"] for r in rows], rotation=30, ha="right")
+    lat_ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(rows))], [r.name for r in rows], rotation=30, ha="right")
     lat_ax.set_yscale("log")
     lat_ax.set_ylabel("p50 latency, ms (log)")
-    lat_ax.set_title(f"latency per runtime ({report['env']['threads']} threads)")
+    lat_ax.set_title(f"latency per runtime ({report.env.threads} threads)")
     lat_ax.grid(alpha=0.3, axis="y")
     lat_ax.legend()
     fig.tight_layout()
@@ -135,10 +127,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
+def write_reports(report: Report, out: Path) -> dict[str, Path]:
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
-    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths["json"], json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
     write_text_atomic(paths["md"], markdown(report))
     plot(report, paths["png"])
     return paths

@@ -1,68 +1,100 @@
-"""One `predict(images) -> logits` for every runtime, so accuracy and latency are measured alike."""
+"""One runner per runtime behind the same two calls, so accuracy and latency are measured alike.
 
-import time
+`predict(images) -> logits` scores the test split; `timer(batch, size)` prepares fixed inputs once
+and returns a call that runs one inference on them, so only the inference is timed (device-resident
+buffers for TensorRT).
+"""
+
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from ssql_deploy.bench.artifacts import Artifact
+from ssql_deploy.errors import UserError
 from ssql_deploy.export.onnx_graph import INPUT_NAME
 from ssql_deploy.export.ort_session import make_session, providers
 from ssql_deploy.models import create_model
 from ssql_deploy.models.checkpoint import load_checkpoint
+from ssql_deploy.models.trained import ModelMeta
 from ssql_deploy.quant.artifact import load_quantized
 
-Predict = Callable[[np.ndarray], np.ndarray]
+
+class Runner(Protocol):
+    detail: str
+
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+    def timer(self, batch: int, input_size: int) -> Callable[[], None]: ...
 
 
-def _torch_predict(model: torch.nn.Module) -> Predict:
-    model.eval()
+def _fixed_input(batch: int, input_size: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size), dtype=np.float32)
 
-    def predict(x: np.ndarray) -> np.ndarray:
+
+class TorchRunner:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval()
+        self.detail = f"torch {torch.__version__} cpu"
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
+            return self.model(torch.from_numpy(x)).numpy()
 
-    return predict
+    def timer(self, batch: int, input_size: int) -> Callable[[], None]:
+        x = _fixed_input(batch, input_size)
+
+        def run() -> None:
+            self.predict(x)
+
+        return run
 
 
-def load_runner(artifact: Artifact, threads: int) -> tuple[Predict, str]:
-    """The artifact's predict function and the runtime detail it ran on (provider, device)."""
-    assert artifact.path is not None
-    if artifact.kind == "torch-float":
-        assert artifact.meta is not None
-        meta = artifact.meta
-        model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
-        model.load_state_dict(load_checkpoint(artifact.path)["model"])
-        return _torch_predict(model), f"torch {torch.__version__} cpu"
-    if artifact.kind == "torch-fakequant":
-        return _torch_predict(load_quantized(artifact.path).gm), f"torch {torch.__version__} cpu"
-    if artifact.kind == "onnx":
+class OrtRunner:
+    def __init__(self, path: Path, threads: int) -> None:
         provider = providers()[0]
-        session = make_session(artifact.path, threads, provider=provider)
-        return (lambda x: session.run(None, {INPUT_NAME: x})[0]), provider
+        try:
+            self.session = make_session(path, threads, provider=provider)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types, none of them ours to show as a traceback
+            said = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise UserError(
+                f"ONNX Runtime {ort.__version__} cannot load {path}: {said}",
+                "re-export it with `ssql-deploy export`, or use an onnxruntime that supports its IR and opset versions",
+            ) from None
+        self.detail = provider
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {INPUT_NAME: x})[0]
+
+    def timer(self, batch: int, input_size: int) -> Callable[[], None]:
+        feed = {INPUT_NAME: _fixed_input(batch, input_size)}
+
+        def run() -> None:
+            self.session.run(None, feed)
+
+        return run
+
+
+def torch_model(path: Path, kind: str) -> torch.nn.Module:
+    """The PyTorch model of a checkpoint: the float network, or the fake-quant graph of its saved layout."""
+    if kind == "torch-fakequant":
+        return load_quantized(path).gm
+    obj = load_checkpoint(path)
+    meta = ModelMeta.from_checkpoint(obj)
+    model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
+    model.load_state_dict({k: v for k, v in obj["model"].items() if k in model.state_dict()})
+    return model
+
+
+def load_runner(artifact: Artifact, threads: int) -> Runner:
+    assert artifact.path is not None
+    if artifact.kind in ("torch-float", "torch-fakequant"):
+        return TorchRunner(torch_model(artifact.path, artifact.kind))
+    if artifact.kind == "onnx":
+        return OrtRunner(artifact.path, threads)
     from ssql_deploy.export.tensorrt_engine import TensorRTRunner
 
-    return TensorRTRunner(artifact.path).predict, "tensorrt"
-
-
-@dataclass(frozen=True)
-class Latency:
-    p50_ms: float
-    p90_ms: float
-    images_per_s: float
-
-
-def measure_latency(predict: Predict, batch: int, input_size: int, warmup: int, runs: int) -> Latency:
-    """Wall time of `runs` calls on one fixed batch after `warmup` untimed calls."""
-    x = np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size), dtype=np.float32)
-    for _ in range(warmup):
-        predict(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predict(x)
-        times.append(time.perf_counter() - start)
-    p50, p90 = np.percentile(times, [50, 90])
-    return Latency(round(1000 * p50, 4), round(1000 * p90, 4), round(batch / p50, 2))
+    return TensorRTRunner(artifact.path)

@@ -1,4 +1,10 @@
-"""`ssql-deploy bench`: top-1 on the full test split and latency, measured on each artifact itself."""
+"""`ssql-deploy bench`: top-1 on the full test split and latency, measured on each artifact itself.
+
+Everything that can refuse the job is checked before the first measurement: each artifact's
+data, class count and input size, and that its runtime loads it. Accuracy is then scored on the
+test split, with each artifact's agreement against the PyTorch model of its own layout; latency
+is measured for all artifacts side by side (timing.py) and speed-ups come from paired rounds.
+"""
 
 import os
 import platform
@@ -9,11 +15,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ssql_deploy.bench.artifacts import Artifact, discover
+from ssql_deploy.bench.artifacts import Artifact, discover, onnx_input_size
 from ssql_deploy.bench.report import write_reports
-from ssql_deploy.bench.runners import Predict, load_runner, measure_latency
+from ssql_deploy.bench.runners import Runner, TorchRunner, load_runner, torch_model
+from ssql_deploy.bench.schema import OK, Env, Report, Row, baseline_name
+from ssql_deploy.bench.timing import interleaved, paired_speedup
+from ssql_deploy.data import DataSource
 from ssql_deploy.errors import UserError
-from ssql_deploy.evaluate import check_classes, eval_loader
+from ssql_deploy.evaluate import eval_loader, model_data
+from ssql_deploy.models.trained import ModelMeta
 from ssql_deploy.progress import progress_bar
 from ssql_deploy.recipe import BenchRecipe
 from ssql_deploy.run import versions
@@ -29,13 +39,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(threads: int) -> dict[str, Any]:
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
-            "onnxruntime_providers": ort.get_available_providers(), "cuda": torch.cuda.is_available(),
-            "versions": versions()}  # fmt: skip
+def _env(recipe: BenchRecipe, threads: int, data: str) -> Env:
+    return Env(cpu=_cpu_name(), threads=threads, data=data, runs=recipe.runs, warmup=recipe.warmup, rounds=recipe.rounds,
+               cores=os.cpu_count(), platform=platform.platform(), onnxruntime_providers=ort.get_available_providers(),
+               cuda=torch.cuda.is_available(), versions=versions())  # fmt: skip
 
 
-def _predictions(predict: Predict, loader: Any, label: str) -> tuple[np.ndarray, np.ndarray]:
+def _predictions(predict: Any, loader: Any, label: str) -> tuple[np.ndarray, np.ndarray]:
     preds, labels = [], []
     with progress_bar() as bar:
         task = bar.add_task(label, total=len(loader))
@@ -46,49 +56,86 @@ def _predictions(predict: Predict, loader: Any, label: str) -> tuple[np.ndarray,
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def _row(artifact: Artifact) -> dict[str, Any]:
-    size = artifact.path.stat().st_size if artifact.path is not None and artifact.path.is_file() else None
-    return {"name": artifact.name, "runtime": artifact.runtime, "bits": artifact.bits, "top1": None, "n_images": 0,
-            "latency": {}, "agreement_with_torch": None, "size_bytes": size, "status": artifact.status,
-            "notes": artifact.notes}  # fmt: skip
+def _check_input_size(artifact: Artifact, size: int) -> None:
+    """A graph with a fixed input size must get that size: ORT's InvalidArgument would say so mid-run."""
+    if artifact.kind != "onnx" or artifact.path is None or artifact.meta is None:
+        return
+    height, width = onnx_input_size(artifact.path)
+    fixed = [d for d in (height, width) if d is not None]
+    if fixed and fixed != [artifact.meta.input_size] * len(fixed):
+        raise UserError(
+            f"{artifact.path} takes {height}x{width} inputs but its metadata says {artifact.meta.input_size} px",
+            "re-export it with `ssql-deploy export`; its metadata does not describe this graph",
+        )
+    if fixed and fixed != [size] * len(fixed):
+        raise UserError(
+            f"{artifact.path} takes {height}x{width} inputs but the data would be prepared at {size}x{size}",
+            f"drop --input-size (or pass --input-size {fixed[0]}), or export the model at {size} px",
+        )
+
+
+def _agreement(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    return None if a is None or b is None else round(100.0 * float(np.mean(a == b)), 3)
 
 
 def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
     artifacts = discover(recipe.artifacts)
-    metas = [a.meta for a in artifacts if a.meta is not None]
-    if not metas:
+    measurable = [a for a in artifacts if a.meta is not None and (a.status == OK or a.status.startswith("unverified"))]
+    if not measurable:
         raise UserError("none of the artifacts can be measured", "pass a run directory with a fine-tuned or exported model")
-    data = recipe.data or metas[0].data
-    for meta in metas:
-        check_classes(meta, data, recipe.data_root)
+    sources: dict[str, DataSource] = {}
+    by_model: dict[ModelMeta, DataSource] = {}
+    for artifact in measurable:
+        assert artifact.meta is not None
+        if artifact.meta not in by_model:  # said (and class-checked) once per model, not once per artifact
+            by_model[artifact.meta] = model_data(artifact.meta, recipe.data, recipe.data_root, recipe.input_size, recipe.download)
+        sources[artifact.name] = by_model[artifact.meta]
+        _check_input_size(artifact, sources[artifact.name].input_size)
     threads = recipe.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    loaders: dict[int, Any] = {}
-    rows, predictions = [], {}
-    labels = None
-    for artifact in artifacts:
-        row = _row(artifact)
-        rows.append(row)
-        if artifact.status != "ok" or artifact.meta is None:
-            continue
+
+    rows = {a.name: Row(name=a.name, runtime=a.runtime, bits=a.bits, status=a.status, top1=None, latency={},
+                        size_bytes=a.path.stat().st_size if a.path is not None and a.path.is_file() else None, notes=a.notes)
+            for a in artifacts}  # fmt: skip
+    runners: dict[str, Runner] = {}
+    for artifact in measurable:
         try:
-            predict, detail = load_runner(artifact, threads)
-        except (UserError, ImportError, RuntimeError) as exc:
-            row["status"] = f"skipped: {str(exc).splitlines()[0]}"
+            runners[artifact.name] = load_runner(artifact, threads)
+        except (ImportError, RuntimeError) as exc:  # TensorRT absent or no GPU: the row is skipped, the rest measured
+            rows[artifact.name].status = f"skipped: {str(exc).splitlines()[0]}"
             continue
-        row["runtime_detail"] = detail
-        size = artifact.meta.input_size
-        if size not in loaders:
-            loaders[size] = eval_loader(data, recipe.data_root, size, recipe.subset, recipe.eval_batch, recipe.workers, recipe.download)
-        predictions[artifact.name], labels = _predictions(predict, loaders[size], f"{artifact.name}: top-1")
-        row["top1"] = round(100.0 * float(np.mean(predictions[artifact.name] == labels)), 3)
-        row["n_images"] = int(len(labels))
-        for batch in recipe.batch_sizes:
-            row["latency"][str(batch)] = measure_latency(predict, batch, size, recipe.warmup, recipe.runs).__dict__
-    for artifact, row in zip(artifacts, rows, strict=True):
-        ref = predictions.get(artifact.reference or "")
-        if ref is not None and artifact.name in predictions:
-            row["agreement_with_torch"] = round(100.0 * float(np.mean(predictions[artifact.name] == ref)), 3)
-    report = {"env": environment(threads) | {"data": data, "runs": recipe.runs, "warmup": recipe.warmup}, "rows": rows}
+        rows[artifact.name].runtime_detail = runners[artifact.name].detail
+
+    loaders: dict[DataSource, Any] = {}
+    predictions: dict[str, np.ndarray] = {}
+    for name, runner in runners.items():
+        source = sources[name]
+        if source not in loaders:
+            loaders[source] = eval_loader(source, recipe.subset, recipe.eval_batch, recipe.workers)
+        predictions[name], labels = _predictions(runner.predict, loaders[source], f"{name}: top-1")
+        rows[name].top1, rows[name].n_images = round(100.0 * float(np.mean(predictions[name] == labels)), 3), int(len(labels))
+    twins: dict[Path, np.ndarray] = {}
+    for artifact in (a for a in measurable if a.name in predictions):
+        row = rows[artifact.name]
+        if artifact.twin is not None:
+            if artifact.twin not in twins:
+                twin = TorchRunner(torch_model(artifact.twin, "torch-fakequant"))
+                twins[artifact.twin], _ = _predictions(twin.predict, loaders[sources[artifact.name]], f"{artifact.name}: PyTorch twin")
+            row.agreement, row.agreement_with = _agreement(predictions[artifact.name], twins[artifact.twin]), "PyTorch twin (same layout)"
+            row.layout_agreement = _agreement(twins[artifact.twin], predictions.get(artifact.simulation or ""))
+        elif artifact.reference in predictions:
+            row.agreement, row.agreement_with = _agreement(predictions[artifact.name], predictions[artifact.reference]), artifact.reference
+
+    for batch in recipe.batch_sizes:
+        timers = {name: runner.timer(batch, sources[name].input_size) for name, runner in runners.items()}
+        measured = interleaved(timers, recipe.warmup, recipe.runs, recipe.rounds, f"timing at batch {batch}")
+        for name, m in measured.items():
+            rows[name].latency[str(batch)] = m.latency(batch)
+        for name, m in measured.items():
+            base = baseline_name(rows[name])
+            if base is not None and base in measured:
+                rows[name].speedup[str(batch)] = paired_speedup(base, measured[base], m)
+    data = recipe.data or next(iter(sources.values())).data
+    report = Report(env=_env(recipe, threads, data), rows=list(rows.values()))
     paths = write_reports(report, recipe.out)
     return {"report": report, "paths": paths}

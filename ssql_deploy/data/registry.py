@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import datasets as tvd
 
 from ssql_deploy.data.fashion_mnist import DEBIAN_ROOT, FashionMNIST
+from ssql_deploy.data.image_files import checked_image_folder
 from ssql_deploy.errors import UserError
 
 Split = Literal["train", "test"]
@@ -82,7 +83,13 @@ def _imagefolder(root: Path, split: Split, transform: Any, download: bool) -> Da
             f"{root}: train/ has {len(train)} class folders and val/ has {len(val)} (differing: {', '.join(odd[:3])})",
             "give train/ and val/ the same class sub-folders",
         )
-    return tvd.ImageFolder(str(root / ("train" if split == "train" else "val")), transform=transform)
+    if len(train) < 2:
+        raise UserError(
+            f"{root}/train has {len(train)} class folder{'s' if len(train) != 1 else ''} ({', '.join(train) or 'none'}); "
+            "a classifier needs at least 2 (with one class every prediction is right)",
+            "put each class's images in its own sub-folder of train/ and val/",
+        )
+    return checked_image_folder(root / ("train" if split == "train" else "val"), transform)
 
 
 _SPECS = [

@@ -3,8 +3,9 @@
 Two views: the shipped, fully optimized ONNX Runtime session against PyTorch on the calibration
 images (top-1 agreement and logit deviation: what a user sees), and layer by layer, every
 quantized activation of the graph (run without ORT's fusions, i.e. plain Q/DQ semantics) against
-the same quantizer in PyTorch, in quantization steps: the per-layer debugging that fake-quant vs
-engine mismatches otherwise need by hand (TensorRT#4063).
+the same quantizer in PyTorch, in quantization steps (the share of values off by half a step or
+more, the largest deviation, and the first layer in graph order where any value differs): the
+per-layer debugging that fake-quant vs engine mismatches otherwise need by hand (TensorRT#4063).
 """
 
 from collections.abc import Sequence
@@ -21,6 +22,10 @@ from ssql_deploy.export.ort_session import make_session
 from ssql_deploy.quant.placement import act_quantizers, quantizer_name
 
 MIN_AGREEMENT = 99.0
+# Values that differ by half a step or more between ONNX Runtime (plain Q/DQ) and PyTorch, in the worst layer.
+# Both quantize x / scale with ties to even, so what remains is float accumulation order in the convs putting a
+# value on the other side of a rounding boundary now and then, and its knock-on effect downstream.
+MAX_MISMATCH_FRACTION = 0.01
 
 
 def _torch_outputs(gm: fx.GraphModule, images: Sequence[torch.Tensor]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -73,12 +78,28 @@ def check_parity(gm: fx.GraphModule, model: onnx.ModelProto, images: Sequence[to
             row["max_steps"] = max(row["max_steps"], float(np.round(steps.max(), 3)))
             row["mismatched"] += float((steps > 0.5).sum())
             row["elements"] += float(steps.size)
-    layers = {p: {"max_steps": r["max_steps"], "mismatch_fraction": r["mismatched"] / max(r["elements"], 1)} for p, r in per_layer.items()}
+    order = [
+        str(n.target).removeprefix("aq_")
+        for n in gm.graph.nodes
+        if n.op == "call_module" and str(n.target).removeprefix("aq_") in per_layer
+    ]
+    layers = {p: {"max_steps": per_layer[p]["max_steps"], "mismatch_fraction": per_layer[p]["mismatched"] / max(per_layer[p]["elements"], 1)}
+              for p in order}  # fmt: skip
+    worst = max((r["mismatch_fraction"] for r in layers.values()), default=0.0)
+    problems = []
+    if agreement < MIN_AGREEMENT:
+        problems.append(f"ONNX Runtime agrees with the PyTorch simulation on only {agreement:.1f}% of calibration images")
+    if worst > MAX_MISMATCH_FRACTION:
+        layer = max(layers, key=lambda p: layers[p]["mismatch_fraction"])
+        problems.append(f"{100 * worst:.2f}% of layer {layer}'s values differ from the simulation (limit {100 * MAX_MISMATCH_FRACTION:g}%)")
     return {
         "images": int(sum(len(x) for x in images)),
         "top1_agreement": agreement,
         "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
         "max_step_deviation": max((r["max_steps"] for r in layers.values()), default=0.0),
+        "max_mismatch_fraction": worst,
+        "first_mismatch": next((p for p, r in layers.items() if r["mismatch_fraction"] > 0), None),
         "per_layer": layers,
-        "passed": agreement >= MIN_AGREEMENT,
+        "problems": problems,
+        "passed": not problems,
     }

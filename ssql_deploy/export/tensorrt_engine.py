@@ -11,6 +11,7 @@ network) lets TensorRT use FP16 for the float layers around them (the stem input
 
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ def trtexec_command(
     min_batch: int,
     opt_batch: int,
     max_batch: int,
+    int8: bool = True,
 ) -> str:
     """The trtexec line equivalent to `build_engine`, for users who build on another machine.
 
@@ -72,7 +74,8 @@ def trtexec_command(
     batches = _check_batches(min_batch, opt_batch, max_batch)
     c, h, w = chw
     shapes = [f"--{k}Shapes={input_name}:{n}x{c}x{h}x{w}" for k, n in zip(("min", "opt", "max"), batches, strict=True)]
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", "--int8", "--fp16", *shapes]
+    precision = ["--int8", "--fp16"] if int8 else ["--fp16"]
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", *precision, *shapes]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -88,9 +91,11 @@ def build_engine(
     chw: tuple[int, int, int],
     batches: tuple[int, int, int] = (1, 8, 32),
     workspace_gib: float = WORKSPACE_GIB,
+    int8: bool = True,
 ) -> dict[str, Any]:
-    """Parse the QDQ ONNX, build an INT8+FP16 engine with one profile over `batches` (min, opt, max),
-    write the plain plan file and a `<plan>.json` sidecar; returns the sidecar's content."""
+    """Parse the ONNX, build an INT8+FP16 engine (`int8=False`: FP16 only, the baseline an INT8 engine is
+    compared with) with one profile over `batches` (min, opt, max), write the plain plan file and a
+    `<plan>.json` sidecar; returns the sidecar's content."""
     trt = _require_tensorrt()
     import torch
 
@@ -115,7 +120,7 @@ def build_engine(
 
     config = builder.create_builder_config()
     # TensorRT 11 drops the precision flags (strong typing only): set what this version has, and record it.
-    flags = [name for name in ("INT8", "FP16") if hasattr(trt.BuilderFlag, name)]
+    flags = [name for name in (("INT8", "FP16") if int8 else ("FP16",)) if hasattr(trt.BuilderFlag, name)]
     for name in flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
@@ -168,6 +173,7 @@ class TensorRTRunner:
                 "rebuild the plan on this machine: plans are tied to the TensorRT version and the GPU",
             )
         self.context = self.engine.create_execution_context()
+        self.detail = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.inputs = [n for n in names if is_input[n]]
@@ -183,6 +189,32 @@ class TensorRTRunner:
         self.dtypes = {n: to_torch.get(self.engine.get_tensor_dtype(n), torch.float32) for n in names}
         self.max_batch = int(self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0])
         self.stream = torch.cuda.Stream()
+
+    def timer(self, batch: int, input_size: int) -> Callable[[], None]:
+        """One timed inference on device-resident buffers allocated once: no host copies in the timed region.
+
+        Timing with host copies measures PCIe, not the engine (and hides an INT8 speed-up behind them).
+        """
+        import torch
+
+        name = self.inputs[0]
+        shape = (batch, 3, input_size, input_size)
+        if not self.context.set_input_shape(name, shape):
+            raise UserError(f"batch {batch} lies outside the engine's profile", "bench batch sizes within the --trt-batches range")
+        device_in = torch.randn(shape, device="cuda").to(self.dtypes[name])
+        buffers = [device_in] + [torch.empty(tuple(self.context.get_tensor_shape(o)), dtype=self.dtypes[o], device="cuda")
+                                 for o in self.outputs]  # fmt: skip
+        for tensor_name, buffer in zip([name, *self.outputs], buffers, strict=True):
+            self.context.set_tensor_address(tensor_name, buffer.data_ptr())
+        stream = self.stream
+
+        def run() -> None:
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execution failed for input shape {shape}")
+            stream.synchronize()
+
+        run.buffers = buffers  # type: ignore[attr-defined]  # kept alive while the timer exists
+        return run
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits (the first output) for an NCHW batch; batches beyond the profile run in chunks."""

@@ -5,6 +5,7 @@ test top-1 every epoch, metrics.jsonl, best/last checkpoints written atomically,
 after an interrupt (kill -9 included) with only the unfinished epoch lost.
 """
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import evaluate_top1
 from ssql_deploy.models.checkpoint import load_checkpoint, save_atomic
 from ssql_deploy.progress import console, progress_bar
-from ssql_deploy.train_state import MetricsLog, announce_resume, capture_rng, lr_at, restore_rng, set_lr
+from ssql_deploy.train_state import MetricsLog, announce_resume, capture_rng, diverged, lr_at, restore_rng, set_lr
 
 BEST, LAST = "best.pt", "last.pt"
 Payload = Callable[[str, dict[str, Any]], dict[str, Any]]  # (kind, extra fields) -> checkpoint dict
@@ -60,12 +61,15 @@ def fit_classifier(
     stage_dir: Path,
     stage: str,
     payload: Payload,
-    resume: bool,
+    state: dict[str, Any] | None,
     train_mode: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` with cross-entropy; return the final metrics. `train_mode(epoch)` sets train/eval modes."""
+    """Train `model` with cross-entropy from `state` (see refuse_or_resume); return the final metrics.
+
+    `train_mode(epoch)` sets train/eval modes. A loss that turns NaN or infinite stops the run at
+    that step, before anything of the broken epoch is saved.
+    """
     train_loader, test_loader = loaders
-    state = refuse_or_resume(stage_dir, stage, resume)
     start_epoch, best_top1 = 0, -1.0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -100,12 +104,13 @@ def fit_classifier(
                 images, labels = images.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
                 logits = net(images)
                 loss = criterion(logits, labels)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise diverged(stage, stage_dir / LAST, epoch, step, value, optimizer.param_groups[0]["lr"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                sums += torch.tensor(
-                    [loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64
-                )
+                sums += torch.tensor([value * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64)
                 bar.update(task, advance=1, status=f"loss {sums[0] / sums[2]:.3f}")
         model.eval()
         top1, n_test = evaluate_top1(model, test_loader, dist.device, dist, "test top-1")

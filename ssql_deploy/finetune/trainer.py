@@ -10,18 +10,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssql_deploy.data import eval_transform, get_spec, load_split, num_classes, train_transform
+from ssql_deploy.data import DataSource, num_classes, train_transform
 from ssql_deploy.data.loaders import make_loader
 from ssql_deploy.distributed import DistInfo, init_distributed, shutdown_distributed
 from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import shard
-from ssql_deploy.finetune.loop import BEST, LAST, Schedule, fit_classifier
+from ssql_deploy.finetune.loop import BEST, LAST, Schedule, fit_classifier, refuse_or_resume
+from ssql_deploy.manifest import write_manifest
 from ssql_deploy.models import ResNet, create_model, pick_stem
 from ssql_deploy.models.checkpoint import import_weights, load_checkpoint
 from ssql_deploy.models.trained import ModelMeta, model_payload
 from ssql_deploy.progress import console
 from ssql_deploy.recipe import FinetuneRecipe
-from ssql_deploy.run import resolve_checkpoint, write_manifest
+from ssql_deploy.run import resolve_checkpoint
+from ssql_deploy.train_state import check_batchnorm_batch, resume_recipe, settings_record
 
 STAGE = "finetune"
 # Where a run directory's weights live, most specific first; later stages use the same list.
@@ -54,19 +56,25 @@ def _set_train_mode(model: ResNet, mode: str) -> None:
                 module.eval()
 
 
-def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]:
+def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> tuple[FinetuneRecipe, dict[str, Any]]:
+    """Train; returns the recipe that ran (on resume, the run's own settings) and the final metrics."""
+    if recipe.mode == "linear" and recipe.ckpt is None:  # refused, not warned: a CI job would score a random backbone
+        raise UserError(
+            "--mode linear trains only a classifier on a frozen backbone, and without --ckpt that backbone is random",
+            "pass --ckpt (a pretrained checkpoint or run directory), or use --mode full to train from scratch",
+        )
     dist = init_distributed()
-    spec = get_spec(recipe.data)
-    size = recipe.input_size or spec.input_size
-    stem = pick_stem(size) if recipe.stem == "auto" else recipe.stem
-    meta = ModelMeta(recipe.arch, stem, num_classes(recipe.data, recipe.data_root), size, spec.name)
     stage_dir = recipe.out / STAGE
+    state = refuse_or_resume(stage_dir, STAGE, resume)
+    if state is not None:
+        recipe = resume_recipe(recipe, state, stage_dir)
+    source = DataSource.of(recipe.data, recipe.data_root, recipe.input_size, recipe.download)
+    stem = pick_stem(source.input_size) if recipe.stem == "auto" else recipe.stem
+    meta = ModelMeta.for_data(recipe.arch, stem, num_classes(recipe.data, recipe.data_root), source)
     assert recipe.epochs is not None and recipe.lr is not None and recipe.weight_decay is not None
 
-    train_set = load_split(
-        recipe.data, "train", recipe.data_root, train_transform(size, spec.mean, spec.std), recipe.download, recipe.subset
-    )
-    test_set = load_split(recipe.data, "test", recipe.data_root, eval_transform(size, spec.mean, spec.std), recipe.download, recipe.subset)
+    train_set = source.split("train", recipe.subset, train_transform(source.input_size, source.mean, source.std))
+    test_set = source.split("test", recipe.subset)
     if len(train_set) < recipe.batch_size:  # type: ignore[arg-type]
         raise UserError(
             f"the training split has {len(train_set)} images, fewer than one batch of {recipe.batch_size}",  # type: ignore[arg-type]
@@ -77,6 +85,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
     torch.manual_seed(recipe.seed)
     model, import_report = _prepare_model(recipe, meta, dist)
+    if recipe.mode == "full":  # a linear probe keeps BatchNorm in eval mode: any batch works
+        check_batchnorm_batch(model, source.input_size, recipe.batch_size // dist.world_size,
+                              "raise --batch-size, or use a larger --input-size")  # fmt: skip
     model.to(dist.device)
     if recipe.sync_bn and dist.world_size > 1 and recipe.mode == "full":
         if dist.device.type != "cuda":
@@ -87,16 +98,17 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     sched = Schedule(
         recipe.epochs, recipe.lr, recipe.schedule, recipe.milestones, recipe.warmup_epochs, recipe.seed, recipe.label_smoothing
     )
+    record = settings_record(recipe)
 
     def payload(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
-        return model_payload(kind, model, meta, **extra)
+        return model_payload(kind, model, meta, **record, **extra)
 
     metrics = fit_classifier(model, optimizer, (train_loader, test_loader), sched, dist, stage_dir, STAGE, payload,
-                             resume, lambda _epoch: _set_train_mode(model, recipe.mode))  # fmt: skip
+                             state, lambda _epoch: _set_train_mode(model, recipe.mode))  # fmt: skip
     if dist.is_main:
         settings = recipe.model_dump(mode="json") | {"resolved_model": meta.as_dict()}
         inputs = {"ckpt": Path(import_report["path"])} if import_report else {}
         write_manifest(stage_dir, STAGE, inputs, settings, metrics | {"import": import_report},
                        {"best": stage_dir / BEST, "last": stage_dir / LAST})  # fmt: skip
     shutdown_distributed()
-    return metrics
+    return recipe, metrics

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ssql_deploy.data import DataSource, get_spec
 from ssql_deploy.errors import UserError
 from ssql_deploy.models.checkpoint import FORMAT, FORMAT_VERSION, import_weights, is_own, load_checkpoint
 from ssql_deploy.models.registry import create_model
@@ -18,20 +19,49 @@ TRAINED_CANDIDATES = ("finetune/best.pt", "finetune/last.pt")
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """Enough to rebuild the network from a checkpoint with no recipe at hand."""
+    """Enough to rebuild the network and feed it its data, from a checkpoint with no recipe at hand.
+
+    `data_root` is the directory the user named for the data (None: the dataset's default), and
+    mean/std the normalisation the model was trained with, so later stages need no data flags.
+    """
 
     arch: str
     stem: str
     num_classes: int
     input_size: int
     data: str
+    data_root: str | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_checkpoint(cls, obj: dict[str, Any]) -> "ModelMeta":
-        return cls(*(obj[k] for k in ("arch", "stem", "num_classes", "input_size", "data")))
+        """Also reads checkpoints written before data_root/mean/std were recorded (the dataset's own values)."""
+        try:
+            arch, stem, classes, size, data = (obj[k] for k in ("arch", "stem", "num_classes", "input_size", "data"))
+            spec = get_spec(str(data))
+            root = obj.get("data_root")
+            mean, std = tuple(float(v) for v in obj.get("mean", spec.mean)), tuple(float(v) for v in obj.get("std", spec.std))
+            return cls(str(arch), str(stem), int(classes), int(size), spec.name, None if root is None else str(root), mean, std)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"the checkpoint's model description is incomplete ({type(exc).__name__}: {exc})",
+                            "re-create it with `ssql-deploy finetune`") from None  # fmt: skip
+
+    @classmethod
+    def for_data(cls, arch: str, stem: str, num_classes: int, source: DataSource) -> "ModelMeta":
+        root = None if source.root is None else str(source.root.resolve())
+        return cls(arch, stem, num_classes, source.input_size, source.data, root, source.mean, source.std)
+
+    def source(
+        self, data: str | None = None, root: Path | None = None, input_size: int | None = None, download: bool = False
+    ) -> DataSource:
+        """The data this model is fed: its own dataset, root, size and normalisation unless overridden."""
+        name = get_spec(data).name if data is not None else self.data
+        own_root = Path(self.data_root) if self.data_root is not None and name == self.data else None
+        return DataSource(name, root or own_root, input_size or self.input_size, self.mean, self.std, download)
 
 
 def model_payload(kind: str, model: nn.Module, meta: ModelMeta, **extra: Any) -> dict[str, Any]:
@@ -64,7 +94,7 @@ def load_trained(
     if fc is None or conv1 is None:
         raise UserError(f"{file} has no classifier (fc.weight) to evaluate", "fine-tune it first with `ssql-deploy finetune`")
     stem = "cifar" if conv1.shape[-1] == 3 else "imagenet"
-    meta = ModelMeta(arch, stem, int(fc.shape[0]), input_size or (32 if stem == "cifar" else 224), data)
+    meta = ModelMeta.for_data(arch, stem, int(fc.shape[0]), DataSource.of(data, None, input_size or (32 if stem == "cifar" else 224)))
     model = create_model(arch, meta.num_classes, stem)  # type: ignore[arg-type]
     report = import_weights(obj, model, arch)
     if report.missing:

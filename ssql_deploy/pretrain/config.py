@@ -1,9 +1,11 @@
 """The seven pretraining methods' defaults and the checks a pretraining recipe must pass.
 
 Kept free of torch so that validating a recipe (which happens on every CLI call) stays cheap.
-Numbers follow SSQL.md and the SSQL reference CIFAR configs: SimSiam projector 3x2048 with BN and a
-512-d bottleneck predictor; BYOL the same projector into 512-d, EMA 0.99; MoCo v2 a 2-layer MLP
-into 256-d, queue 4096, temperature 0.2, EMA 0.999; SimCLR the MoCo head with temperature 0.5.
+Numbers follow SSQL.md and the SSQL reference CIFAR configs (configs/cifar/resnet18_*_cifar.yaml,
+DIM and HIDDEN_DIM): SimSiam projector 3x2048 with BN and a 2048-d-hidden predictor (the reference
+builds it with HIDDEN_DIM = 2048 on CIFAR, not the 512-d bottleneck of SimSiam's ImageNet recipe);
+BYOL the same projector into 512-d, predictor hidden 2048, EMA 0.99; MoCo v2 a 2-layer MLP into
+256-d, queue 4096, temperature 0.2, EMA 0.999; SimCLR the MoCo head with temperature 0.5.
 """
 
 import re
@@ -31,7 +33,7 @@ class MethodInfo:
     temperature: float | None  # None: not a contrastive loss
 
 
-_SIMSIAM = MethodInfo("simsiam", False, 3, 2048, 2048, 512, None, None)
+_SIMSIAM = MethodInfo("simsiam", False, 3, 2048, 2048, 2048, None, None)
 _BYOL = MethodInfo("byol", False, 3, 2048, 512, 2048, 0.99, None)
 _MOCO = MethodInfo("moco", False, 2, 2048, 256, None, 0.999, 0.2)
 _SIMCLR = MethodInfo("simclr", False, 2, 2048, 256, None, None, 0.5)

@@ -25,6 +25,7 @@ from ssql_deploy.data.loaders import make_loader, set_epoch
 from ssql_deploy.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import shard
+from ssql_deploy.manifest import write_manifest
 from ssql_deploy.models import create_model, pick_stem
 from ssql_deploy.models.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_atomic
 from ssql_deploy.pretrain.collectives import replicas_agree
@@ -33,13 +34,23 @@ from ssql_deploy.pretrain.knn import knn_top1
 from ssql_deploy.pretrain.methods import SSLMethod, build_method
 from ssql_deploy.progress import console, progress_bar
 from ssql_deploy.recipe import PretrainRecipe
-from ssql_deploy.run import write_manifest
-from ssql_deploy.train_state import MetricsLog, announce_resume, capture_rng, lr_at, restore_rng, set_lr
+from ssql_deploy.train_state import (
+    MetricsLog,
+    announce_resume,
+    capture_rng,
+    check_batchnorm_batch,
+    diverged,
+    lr_at,
+    restore_rng,
+    resume_recipe,
+    set_lr,
+    settings_record,
+)
 
 STAGE = "pretrain"
 LAST, BACKBONE = "last.pt", "backbone.pt"
 EVAL_BATCH = 256
-STATUS_EVERY = 10  # steps between progress-bar status refreshes (the only host reads of the loss)
+STATUS_EVERY = 10  # steps between progress-bar status refreshes
 COLLAPSE_RATIO = 0.1  # warn when z-std falls below this fraction of a healthy 1/sqrt(d)
 _SUMS = ("loss", "loss_fp", "loss_q", "z_std")  # per-step values summed over an epoch, then averaged
 
@@ -122,13 +133,12 @@ def _payload(
         "method": recipe.method, "arch": recipe.arch, "stem": stem, "input_size": size, "data": recipe.data,
         "model": method.state_dict(), "optimizer": optimizer.state_dict(), "extra": method.extra_state(),
         "epoch": pos.epoch, "step": pos.step, "global_step": pos.global_step,
-        "epoch_sums": pos.sums or [], "bits_seen": pos.bits or {}, "rng": capture_rng(),
+        "epoch_sums": pos.sums or [], "bits_seen": pos.bits or {}, "rng": capture_rng(), **settings_record(recipe),
     }  # fmt: skip
 
 
-def _restore(path: Path, recipe: PretrainRecipe, method: SSLMethod, optimizer: torch.optim.Optimizer) -> _Position:
-    state = load_checkpoint(path)
-    for key in ("method", "arch"):
+def _restore(state: dict[str, Any], path: Path, recipe: PretrainRecipe, method: SSLMethod, optimizer: torch.optim.Optimizer) -> _Position:
+    for key in ("method", "arch"):  # checkpoints from before settings were recorded are checked this far only
         if state.get(key) != getattr(recipe, key):
             raise UserError(f"{path} was pretrained with {key} {state.get(key)!r}, not {getattr(recipe, key)!r}",
                             f"pass --{key} {state.get(key)} to resume it, or choose another --out")  # fmt: skip
@@ -201,6 +211,8 @@ class _Session:
                     lr_at(epoch + step / steps, recipe.lr, recipe.epochs, recipe.schedule, recipe.milestones, recipe.warmup_epochs),
                 )
                 loss, stats = self.net(x1.to(dist.device, non_blocking=True), x2.to(dist.device, non_blocking=True))
+                if not bool(torch.isfinite(loss.detach())):
+                    raise diverged(STAGE, self.last_path, epoch, step, float(loss), optimizer.param_groups[0]["lr"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -215,7 +227,7 @@ class _Session:
                         bits[role][key] = bits[role].get(key, 0) + 1
                 pos.global_step += 1
                 status = None
-                if (step + 1) % STATUS_EVERY == 0 or step + 1 == steps:  # the only host reads of the loss
+                if (step + 1) % STATUS_EVERY == 0 or step + 1 == steps:  # the only host reads of the sums
                     mean = (sums / sums[-1]).tolist()
                     status = f"loss {mean[0]:.4f}  z-std {mean[3]:.4f}" + (
                         f"  w{stats['w_bits']}a{stats['a_bits']}" if "w_bits" in stats else ""
@@ -228,26 +240,34 @@ class _Session:
         return sums, bits
 
 
-def run_pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict[str, Any]:
+def run_pretrain(recipe: PretrainRecipe, resume: bool = False) -> tuple[PretrainRecipe, dict[str, Any]]:
+    """Train; returns the recipe that ran (on resume, the run's own settings) and the final metrics."""
     dist = init_distributed()
-    _check_batch(recipe, dist)
-    _check_sync_bn(recipe, dist)
     stage_dir = recipe.out / STAGE
     last_path = stage_dir / LAST
     if not resume and last_path.exists():
         raise UserError(f"{stage_dir} already holds a pretraining run", "pass --resume to continue it or choose another --out")
     if resume and not last_path.is_file():
         raise UserError(f"nothing to resume: {last_path} does not exist", "drop --resume to start a fresh run")
+    state = load_checkpoint(last_path) if resume else None
+    if state is not None:
+        recipe = resume_recipe(recipe, state, stage_dir)
+    _check_batch(recipe, dist)
+    _check_sync_bn(recipe, dist)
     data = _data(recipe, dist)
     stem = pick_stem(data.input_size) if recipe.stem == "auto" else recipe.stem
 
     torch.manual_seed(recipe.seed)  # same initial weights, queue and target on every process
-    method = build_method(recipe, create_model(recipe.arch, 1, stem), dist.device, recipe.sync_bn and dist.world_size > 1)
+    backbone = create_model(recipe.arch, 1, stem)
+    check_batchnorm_batch(
+        backbone, data.input_size, recipe.batch_size // dist.world_size, "raise --batch-size, or use a larger --input-size"
+    )
+    method = build_method(recipe, backbone, dist.device, recipe.sync_bn and dist.world_size > 1)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     pos = _Position()
-    if resume:
-        pos = _restore(last_path, recipe, method, optimizer)
+    if state is not None:
+        pos = _restore(state, last_path, recipe, method, optimizer)
         if dist.is_main:
             announce_resume(STAGE, pos.epoch, recipe.epochs)
             if pos.step:
@@ -294,7 +314,7 @@ def run_pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict[str, Any]
         settings = recipe.model_dump(mode="json") | {"resolved": {"stem": stem, "input_size": data.input_size}}
         write_manifest(stage_dir, STAGE, {}, settings, result, {"backbone": stage_dir / BACKBONE, "last": last_path})
     shutdown_distributed()
-    return result
+    return recipe, result
 
 
 def _report_epoch(epoch: int, metrics: dict[str, Any]) -> None:

@@ -120,3 +120,18 @@ def restore_quant_state(gm: fx.GraphModule, sd: dict[str, torch.Tensor], saved: 
             q.set_range(-hi if saved[point]["signed"] else 0.0, hi)
         q.enabled = True
     return missing
+
+
+def twin_payload(saved: dict[str, Any], gm: fx.GraphModule) -> dict[str, Any]:
+    """The PyTorch model an export computes: `saved` rebuilt in `gm`'s layout, with the ranges that layout added.
+
+    Reloading it (load_quantized) gives the same fake-quant graph the export verified, so bench can
+    score the artifact's agreement against the model of its own layout rather than the SSQL one.
+    """
+    points, state = dict(saved["points"]), dict(saved["model"])
+    for point, q in act_quantizers(gm).items():
+        if point not in points:
+            points[point] = {"bits": q.bits, "signed": q.signed}
+            state[f"{quantizer_name(point)}.lo"] = q.lo.detach().clone()
+            state[f"{quantizer_name(point)}.hi"] = q.hi.detach().clone()
+    return saved | {"kind": "quantized", "layout": gm.quant_layout, "points": points, "model": state}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ssql_deploy.data import eval_transform, get_spec, load_split
+from ssql_deploy.data import DataSource, get_spec
 from ssql_deploy.errors import UserError
 from ssql_deploy.run import write_text_atomic
 
@@ -37,19 +37,14 @@ def manifest_path(directory: Path, data: str, size: int) -> Path:
     return directory / f"{get_spec(data).name}-train-{size}.json"
 
 
-def _raw_train(data: str, root: Path | None) -> Dataset[Any]:
-    return load_split(data, "train", root, transform=None)
-
-
-def create_manifest(path: Path, data: str, root: Path | None, size: int) -> dict[str, Any]:
-    raw = _raw_train(data, root)
+def create_manifest(path: Path, source: DataSource, raw: Dataset[Any], size: int) -> dict[str, Any]:
     n = len(raw)  # type: ignore[arg-type]
     if size > n:
-        raise UserError(f"--calib-size {size} exceeds the {n} training images of {data}", f"use at most {n}")
+        raise UserError(f"--calib-size {size} exceeds the {n} training images of {source.data}", f"use at most {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(SELECTION_SEED))[:size]
     indices = sorted(order.tolist())
     manifest = {
-        "dataset": get_spec(data).name,
+        "dataset": source.data,
         "split": "train",
         "size": size,
         "selection": f"torch.randperm(seed={SELECTION_SEED})[:size], sorted",
@@ -60,13 +55,14 @@ def create_manifest(path: Path, data: str, root: Path | None, size: int) -> dict
     return manifest
 
 
-def load_calibration(
-    data: str, root: Path | None, size: int, input_size: int, directory: Path = DEFAULT_DIR
-) -> tuple[list[torch.Tensor], Path]:
-    """Batches of eval-transformed calibration images, from the manifest (created on first use)."""
+def load_calibration(source: DataSource, size: int, directory: Path = DEFAULT_DIR) -> tuple[list[torch.Tensor], Path]:
+    """Batches of calibration images as the model sees them, from the manifest (created on first use)."""
     if size < 1:
         raise UserError(f"--calib-size must be positive, got {size}", f"the default is {DEFAULT_SIZE}")
-    path = manifest_path(directory, data, size)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"calibration directory {directory} is a file", "pass --calib-dir a directory (created if missing)")
+    path = manifest_path(directory, source.data, size)
+    raw = source.split("train", transform=None)
     if path.is_file():
         try:
             manifest = json.loads(path.read_text())
@@ -74,19 +70,17 @@ def load_calibration(
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"calibration manifest {path} is unreadable", "delete it to have it re-created") from None
     else:
-        manifest = create_manifest(path, data, root, size)
+        manifest = create_manifest(path, source, raw, size)
         indices, hashes = manifest["indices"], manifest["sha256"]
-    raw = _raw_train(data, root)
-    spec = get_spec(data)
-    transform = eval_transform(input_size, spec.mean, spec.std)
+    transform = source.eval_transform()
     images = []
     for i, expected in zip(indices, hashes, strict=True):
         if i >= len(raw):  # type: ignore[arg-type]
-            raise UserError(f"{path} names image {i} but {data} has only {len(raw)} training images", "re-create the manifest")  # type: ignore[arg-type]
+            raise UserError(f"{path} names image {i} but {source.data} has only {len(raw)} training images", "re-create the manifest")  # type: ignore[arg-type]
         image = raw[i][0]
         if image_digest(image) != expected:
             raise UserError(
-                f"training image {i} of {data} differs from calibration manifest {path}",
+                f"training image {i} of {source.data} differs from calibration manifest {path}",
                 "the dataset files changed; restore them or delete the manifest to calibrate on the new ones",
             )
         images.append(transform(image))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ssql_deploy.data import eval_transform, get_spec, load_split, train_transform
+from ssql_deploy.data import DataSource, train_transform
 from ssql_deploy.data.loaders import make_loader
 from ssql_deploy.distributed import DistInfo
 from ssql_deploy.errors import UserError
@@ -24,6 +24,7 @@ from ssql_deploy.models.trained import ModelMeta
 from ssql_deploy.quant.artifact import init_lsq, quantized_payload
 from ssql_deploy.quant.placement import act_quantizers
 from ssql_deploy.recipe import QuantizeRecipe
+from ssql_deploy.train_state import check_batchnorm_batch, settings_record
 
 STAGE = "lsq"
 
@@ -54,26 +55,25 @@ def train_lsq(
     gm: fx.GraphModule,
     meta: ModelMeta,
     recipe: QuantizeRecipe,
+    source: DataSource,
     calib_batch: torch.Tensor,
-    data: str,
     info: dict[str, Any],
     out_dir: Path,
-    resume: bool,
+    state: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Learn the step sizes (and, unless `train_steps_only`, the weights) of a calibrated model in place."""
+    """Learn the step sizes (and, unless `train_steps_only`, the weights) of a calibrated model in place.
+
+    `state` is the interrupted run's last.pt when resuming (see finetune.loop.refuse_or_resume).
+    """
     assert recipe.epochs is not None
-    spec = get_spec(data)
-    train_set = load_split(
-        data, "train", recipe.data_root, train_transform(meta.input_size, spec.mean, spec.std), recipe.download, recipe.subset
-    )
+    train_set = source.split("train", recipe.subset, train_transform(source.input_size, source.mean, source.std))
     if len(train_set) < recipe.batch_size:  # type: ignore[arg-type]
         raise UserError(
-            f"LSQ needs a training set: {data} train has {len(train_set)} images, fewer than one batch of {recipe.batch_size}",  # type: ignore[arg-type]
+            f"LSQ needs a training set: {source.data} train has {len(train_set)} images, fewer than one batch of {recipe.batch_size}",  # type: ignore[arg-type]
             "lower --batch-size, raise --subset or point --data at a dataset with a training split",
         )
-    test_set = load_split(
-        data, "test", recipe.data_root, eval_transform(meta.input_size, spec.mean, spec.std), recipe.download, recipe.subset
-    )
+    check_batchnorm_batch(gm, source.input_size, recipe.batch_size, "raise --batch-size, or use a larger --input-size")
+    test_set = source.split("test", recipe.subset)
     one = DistInfo()
     loaders = (make_loader(train_set, recipe.batch_size, True, one, recipe.workers, recipe.seed),
                make_loader(test_set, recipe.batch_size, False, one, recipe.workers, recipe.seed))  # fmt: skip
@@ -86,10 +86,12 @@ def train_lsq(
     optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=0.0 if recipe.train_steps_only else recipe.weight_decay)
     sched = Schedule(recipe.epochs, recipe.lr, "cosine", seed=recipe.seed)
 
-    def payload(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
-        return quantized_payload(kind, gm, meta, **info, **extra)
+    record = settings_record(recipe)
 
-    metrics = fit_classifier(gm, optimizer, loaders, sched, one, out_dir, STAGE, payload, resume, _train_mode(gm, recipe.freeze_bn_after))
+    def payload(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
+        return quantized_payload(kind, gm, meta, **info, **record, **extra)
+
+    metrics = fit_classifier(gm, optimizer, loaders, sched, one, out_dir, STAGE, payload, state, _train_mode(gm, recipe.freeze_bn_after))
     best = load_checkpoint(out_dir / BEST)
     gm.load_state_dict(best["model"])
     return metrics | {"best_epoch": best["epoch"], "trained": "step sizes" if recipe.train_steps_only else "weights and step sizes",

@@ -1,0 +1,61 @@
+"""Latency of several artifacts measured side by side: interleaved rounds, speed-ups from paired rounds.
+
+Timing artifacts one after another compares two moments of a machine, not two models: a load spike
+during one of them moves the ratio (the quickstart's speed gate once failed at 1.17x on a model
+measured at 1.39x). Here every round times every artifact, in an order that rotates from round to
+round, so drift hits all of them alike; a speed-up is the median of the per-round ratios, and the
+smallest and largest ratio show the spread a gate has to live with.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ssql_deploy.bench.schema import Latency, Speedup
+from ssql_deploy.progress import progress_bar
+
+Timer = Callable[[], None]  # one inference on inputs prepared beforehand
+
+
+@dataclass(frozen=True)
+class Measured:
+    samples: list[float]  # seconds, every timed run
+    round_medians: list[float]  # seconds, one per round
+
+    def latency(self, batch: int) -> Latency:
+        p50, p90 = np.percentile(self.samples, [50, 90])
+        return Latency(p50_ms=round(1000 * float(p50), 4), p90_ms=round(1000 * float(p90), 4),
+                       images_per_s=round(batch / float(p50), 2), rounds=len(self.round_medians))  # fmt: skip
+
+
+def interleaved(timers: dict[str, Timer], warmup: int, runs: int, rounds: int, label: str = "timing") -> dict[str, Measured]:
+    """`runs` timed calls of each timer (at least one per round) after `warmup` untimed ones, split over rounds."""
+    names = list(timers)
+    per_round = max(1, -(-runs // rounds))
+    for fn in timers.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=rounds)
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn, times = timers[name], []
+                for _ in range(per_round):
+                    start = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - start)
+                samples[name] += times
+                medians[name].append(statistics.median(times))
+            bar.advance(task)
+    return {n: Measured(samples[n], medians[n]) for n in names}
+
+
+def paired_speedup(baseline_name: str, baseline: Measured, row: Measured) -> Speedup:
+    ratios = [b / max(t, 1e-12) for b, t in zip(baseline.round_medians, row.round_medians, strict=True)]
+    return Speedup(baseline=baseline_name, ratio=round(statistics.median(ratios), 4), low=round(min(ratios), 4), high=round(max(ratios), 4))

@@ -1,0 +1,112 @@
+"""`ssql-deploy quantize` and `ssql-deploy export`: from a trained model to a checked artifact."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ssql_deploy.cli.app import user_errors
+from ssql_deploy.cli.options import RecipeOpt, SubsetOpt, WorkersOpt, int_list, recipe_option, stage_data_option, stage_root_option
+from ssql_deploy.errors import UserError
+from ssql_deploy.progress import results
+from ssql_deploy.recipe import Calibrator, Engine, ExportRecipe, LsqInit, OrtKernel, QuantizeRecipe
+
+Q, E = QuantizeRecipe, ExportRecipe
+SourceArg = Annotated[Path | None, typer.Argument(help="Run directory (or checkpoint file) to start from.", show_default=False)]
+
+
+@user_errors("nothing was saved for these bits, except finished LSQ epochs (continue those with --resume)")
+def quantize_cmd(
+    source: SourceArg = None,
+    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="A checkpoint file instead of a run directory (needs --out).")] = None,
+    bits: Annotated[str | None, recipe_option(Q, "bits", "Bit spec wXaY with X, Y in 2..8, or one width (8 = w8a8).")] = None,
+    calib: Annotated[Calibrator | None, recipe_option(Q, "calib", "Activation range calibrator.")] = None,
+    percentile: Annotated[float | None, recipe_option(Q, "percentile", "Percentile for --calib percentile.")] = None,
+    calib_size: Annotated[int | None, recipe_option(Q, "calib_size", "Calibration images from the training split.")] = None,
+    calib_dir: Annotated[Path | None, recipe_option(Q, "calib_dir", "Where calibration manifests live (created on first use).")] = None,
+    arch: Annotated[str | None, recipe_option(Q, "arch", "Architecture, only for plain state dicts that do not record it.",
+                                              default="the one the checkpoint records")] = None,
+    data: Annotated[str | None, stage_data_option(Q)] = None,
+    data_root: Annotated[Path | None, stage_root_option(Q)] = None,
+    input_size: Annotated[int | None, recipe_option(Q, "input_size", "Input resolution.", default="the model's")] = None,
+    subset: SubsetOpt = None,
+    workers: WorkersOpt = None,
+    lsq: Annotated[bool | None, recipe_option(Q, "lsq", "Then train LSQ step sizes (quantization-aware training) from that calibration.",
+                                              "--lsq/--no-lsq")] = None,
+    epochs: Annotated[int | None, recipe_option(Q, "epochs", "LSQ training epochs (with --lsq).", default="none: required with --lsq")] = None,
+    lr: Annotated[float | None, recipe_option(Q, "lr", "LSQ learning rate (cosine schedule).")] = None,
+    lsq_init: Annotated[LsqInit | None, recipe_option(Q, "lsq_init", "Step-size init: calibrated (the PTQ ranges) or lsq (2 mean|x| / sqrt(Qp)).")] = None,
+    freeze_bn_after: Annotated[int | None, recipe_option(Q, "freeze_bn_after", "Freeze BatchNorm statistics after K LSQ epochs.",
+                                                         default="never")] = None,
+    train_steps_only: Annotated[bool | None, recipe_option(Q, "train_steps_only", "Train only the step sizes, not the weights.",
+                                                           "--train-steps-only/--train-all", default="train all")] = None,
+    batch_size: Annotated[int | None, recipe_option(Q, "batch_size", "Batch size for evaluation and LSQ training.")] = None,
+    seed: Annotated[int | None, recipe_option(Q, "seed", "Random seed for LSQ training.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted LSQ run in --out.")] = False,
+    out: Annotated[Path | None, recipe_option(Q, "out", "Run directory to write RUN/quant/BITS/ into.", default="the source run directory")] = None,
+    recipe: RecipeOpt = None,
+) -> None:  # fmt: skip
+    """Quantize at a bit-width: calibrate (PTQ), optionally train LSQ step sizes, evaluate the simulated model, save it."""
+    if source is not None and ckpt is not None:
+        raise UserError("give a run directory or --ckpt, not both")
+    settings = QuantizeRecipe.build(
+        recipe, source=source or ckpt, bits=bits, calib=calib, percentile=percentile, calib_size=calib_size,
+        calib_dir=calib_dir, arch=arch, data=data, data_root=data_root, input_size=input_size, subset=subset, workers=workers,
+        out=out, lsq=lsq, epochs=epochs, lr=lr, lsq_init=lsq_init, freeze_bn_after=freeze_bn_after,
+        train_steps_only=train_steps_only, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    from ssql_deploy.quant.stage import run_quantize
+
+    metrics = run_quantize(settings, resume=resume)
+    how = f"{metrics['calibrator']} calibration" + (f" + LSQ {settings.epochs} epochs" if settings.lsq else "")
+    table = Table(title=f"quantized {metrics['bits']} ({how})")
+    for col in ("bits", "float top-1", *(["PTQ top-1"] if settings.lsq else []), "simulated top-1", "drop", "images", "saved in"):
+        table.add_column(col)
+    ptq = [f"{metrics['ptq_top1']:.2f}%"] if settings.lsq else []
+    table.add_row(metrics["bits"], f"{metrics['fp32_top1']:.2f}%", *ptq, f"{metrics['simulated_top1']:.2f}%",
+                  f"{metrics['drop_points']:.2f}", str(metrics["n_test_images"]), metrics["out_dir"])  # fmt: skip
+    results.print(table)
+
+
+@user_errors("the export was not committed: a model left behind has no manifest, so bench marks it unverified; export again")
+def export_cmd(
+    source: Annotated[Path, typer.Argument(help="Run directory holding a quantized model (or its quantized.pt).")],
+    bits: Annotated[str | None, recipe_option(E, "bits", "Which quantized model of the run (8 = w8a8).", default="the only one")] = None,
+    lsq: Annotated[bool | None, recipe_option(E, "lsq", "Export the LSQ-trained model of those bits rather than the PTQ one.",
+                                              "--lsq/--ptq", default="ptq")] = None,
+    engine: Annotated[Engine | None, recipe_option(E, "engine", "ort (ONNX Runtime integer kernels) or trt (TensorRT explicit quantization).")] = None,
+    ort_kernel: Annotated[OrtKernel | None, recipe_option(E, "ort_kernel", "auto (by the CPU), gemm (QGEMM/AMX path) or symmetric (VNNI conv path).")] = None,
+    trt_batches: Annotated[str | None, recipe_option(E, "trt_batches", "TensorRT profile batches MIN,OPT,MAX.")] = None,
+    build_engine: Annotated[bool | None, recipe_option(E, "build_engine", "Build the TensorRT plans when TensorRT and a GPU are present.",
+                                                       "--build-engine/--no-build-engine")] = None,
+    data_root: Annotated[Path | None, stage_root_option(E)] = None,
+    threads: Annotated[int | None, recipe_option(E, "threads", "ONNX Runtime threads for the parity check.", default="all cores")] = None,
+    out: Annotated[Path | None, recipe_option(E, "out", "Run directory to write RUN/export/ into.", default="the source run directory")] = None,
+    recipe: RecipeOpt = None,
+) -> None:  # fmt: skip
+    """Export QDQ ONNX for ONNX Runtime or TensorRT, check it, and verify it against PyTorch."""
+    settings = ExportRecipe.build(recipe, source=source, bits=bits, lsq=lsq, engine=engine, ort_kernel=ort_kernel,
+                                  trt_batches=int_list(trt_batches, "--trt-batches", "1,8,32"), build_engine=build_engine,
+                                  data_root=data_root, threads=threads, out=out)  # fmt: skip
+    from ssql_deploy.export.stage import run_export
+
+    metrics = run_export(settings)
+    parity = metrics["parity"]
+    table = Table(title=f"exported {metrics['variant']} for {metrics['engine']}")
+    for col in ("file", "top-1 agreement", "values off by >= 1 step (worst layer)", "first differing layer", "max logit diff", "status"):
+        table.add_column(col)
+    first = parity["first_mismatch"] or "none"
+    table.add_row(metrics["onnx"], f"{parity['top1_agreement']:.1f}%", f"{100 * parity['max_mismatch_fraction']:.3f}%", first,
+                  f"{parity['max_abs_logit_diff']:.4f}", metrics["status"])  # fmt: skip
+    results.print(table)
+    if "ort_kernels" in metrics:
+        k = metrics["ort_kernels"]
+        results.print(f"ONNX Runtime runs {k['integer_convs']} of {k['convs']} convolutions as integer kernels")
+    engine_info = metrics.get("tensorrt")
+    if engine_info and not engine_info["built"]:
+        results.print(
+            f"TensorRT engine not built here: {engine_info['reason']}\nbuild it on the GPU machine with:\n  {engine_info['build_with']}"
+        )
+    for note in metrics["notes"]:
+        results.print(f"note: {note}")

@@ -1,0 +1,60 @@
+"""Bench on real artifacts: only committed files count as shipped, timing is interleaved, baselines are like for like."""
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import CliRun
+
+from ssql_deploy.bench.schema import Row, baseline_name
+from ssql_deploy.bench.timing import interleaved, paired_speedup
+
+
+def _bench(cli: CliRun, target: Path, out: Path) -> dict[str, dict]:
+    result = cli("bench", target, "--subset", "64", "--workers", "0", "--batch-sizes", "1", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+
+
+def test_only_files_their_manifest_commits_are_ok(deployed: Path, tmp_path: Path, cli: CliRun) -> None:
+    """An export killed before its manifest, or a re-export killed after rewriting the model, must not bench as `ok`."""
+    run = tmp_path / "run"
+    shutil.copytree(deployed, run)
+    assert _bench(cli, run, tmp_path / "b0")["qdq-ort-w4a4"]["status"] == "ok"
+
+    export = run / "export/w4a4-ort"
+    model = onnx.load(str(export / "model.qdq.onnx"))
+    model.doc_string = "rewritten by an export that was killed before its manifest"
+    onnx.save(model, str(export / "model.qdq.onnx"))  # the old manifest's sha256 no longer matches
+    row = _bench(cli, run, tmp_path / "b1")["qdq-ort-w4a4"]
+    assert row["status"].startswith("unverified: it changed after its manifest.json was written"), row["status"]
+    assert row["top1"] is not None  # still measured, for the user to see, but not called ok
+
+    (export / "manifest.json").unlink()  # killed between writing the model and committing it
+    rows = _bench(cli, run, tmp_path / "b2")
+    assert rows["qdq-ort-w4a4"]["status"].startswith("unverified: no manifest.json beside it")
+    assert rows["onnx-fp32"]["status"] == "ok" and rows["torch-w4a4"]["status"] == "ok"
+    gate = cli("gate", tmp_path / "b2/report.json", "--min-top1", "qdq-ort-w4a4=1")
+    assert gate.returncode == 1 and "unverified" in gate.stdout
+
+
+def test_rounds_rotate_the_order_and_speedups_pair_rounds() -> None:
+    calls: list[str] = []
+    timers = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    measured = interleaved(timers, warmup=0, runs=3, rounds=3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each round starts one later
+    assert all(len(m.round_medians) == 3 and len(m.samples) == 3 for m in measured.values())
+    fast = type(measured["a"])(samples=[1.0] * 3, round_medians=[1.0, 2.0, 4.0])
+    slow = type(measured["a"])(samples=[1.0] * 3, round_medians=[3.0, 4.0, 12.0])
+    s = paired_speedup("slow", slow, fast)
+    assert (s.ratio, s.low, s.high) == (3.0, 2.0, 3.0)  # per-round ratios 3, 2, 3 (the medians alone would say 2.0)
+
+
+@pytest.mark.parametrize("name, runtime, expected", [("qdq-ort-w8a8", "onnxruntime", "onnx-fp32"), ("trt-w8a8", "tensorrt", "trt-fp16"),
+                                                     ("torch-w4a4", "torch", "torch-fp32"), ("trt-fp16", "tensorrt", None)])  # fmt: skip
+def test_speedups_compare_with_the_fp32_row_of_the_same_runtime_and_tensorrt_with_fp16(
+    name: str, runtime: str, expected: str | None
+) -> None:
+    assert baseline_name(Row(name=name, runtime=runtime, bits="w8a8", status="ok", top1=None, latency={})) == expected
