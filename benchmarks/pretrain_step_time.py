@@ -6,7 +6,8 @@ forward the loss needs anyway, so an SSQL step (forward + backward + optimizer s
 and the fake quantization itself must stay a small fraction on top of that doubling.
 
 Setup: CIFAR-stem ResNet-18 at full width, global batch 64, CPU, 2 threads, fixed synthetic inputs,
-the reference heads and optimizer. Every method is warmed up, then timed steps are interleaved
+the reference heads (SimSiam/SSQL: projector 2048-2048-2048, predictor hidden 2048, as in the
+reference CIFAR configs; recorded per method in the JSON) and optimizer. Every method is warmed up, then timed steps are interleaved
 (one step of each method per round, the order rotating every round) so drifting machine load hits
 all methods alike. Run from the repo root on a quiet machine:
 
@@ -109,7 +110,9 @@ def main() -> None:
         "smoke_run": smoke, "ratio_ssql_over_simsiam": round(ratio, 4), "median_of_paired_ratios": round(paired, 4),
         "max_ratio": MAX_RATIO, "passed": None if smoke else passed,
         "settings": {"arch": args.arch, "batch_size": args.batch_size, "threads": args.threads, "warmup": args.warmup,
-                     "rounds": args.steps, "inputs": "fixed synthetic N(0,1), 2 views", "step": "forward + backward + SGD step (+ EMA)"},
+                     "rounds": args.steps, "inputs": "fixed synthetic N(0,1), 2 views", "step": "forward + backward + SGD step (+ EMA)",
+                     "heads": {n: {k: getattr(PretrainRecipe(method=n), k) for k in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim")}
+                               for n in names}},
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "methods": rows,

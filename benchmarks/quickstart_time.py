@@ -42,6 +42,7 @@ def main() -> None:
         "command": "ssql-deploy run recipes/pipelines/quickstart.yaml",
         "exit_code": proc.returncode,
         "wall_seconds": round(wall, 1),
+        "wall_minutes": round(wall / 60, 1),
         "limit_seconds": LIMIT_S,
         "passed": proc.returncode == 0 and wall <= LIMIT_S,
         "stages": stages,

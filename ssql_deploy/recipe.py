@@ -229,7 +229,7 @@ class BenchRecipe(DataRecipe):
     batch_sizes: list[PositiveInt] = Field(default=[1, 32], min_length=1)
     warmup: int = Field(default=10, ge=1)
     runs: int = Field(default=50, ge=50)
-    rounds: int = Field(default=10, ge=2)  # timed runs are split into rounds that rotate over the artifacts
+    rounds: int = Field(default=5, ge=2)  # timed runs are split into rounds that rotate over the artifacts
     threads: int | None = Field(default=None, ge=1)  # default: all cores
     eval_batch: int = Field(default=256, ge=1)
     out: Directory = Path("runs/bench")
@@ -250,7 +250,7 @@ class PipelineExport(Recipe):
 class PipelineBench(Recipe):
     batch_sizes: list[PositiveInt] = Field(default=[1, 32], min_length=1)
     runs: int = Field(default=50, ge=50)
-    rounds: int = Field(default=10, ge=2)
+    rounds: int = Field(default=5, ge=2)
     warmup: int = Field(default=10, ge=1)
     threads: int | None = Field(default=None, ge=1)
     subset: int | None = Field(default=None, ge=1)

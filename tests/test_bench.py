@@ -1,5 +1,6 @@
 """Bench on real artifacts: only committed files count as shipped, timing is interleaved, baselines are like for like."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,8 @@ from conftest import CliRun
 
 from ssql_deploy.bench.schema import Row, baseline_name
 from ssql_deploy.bench.timing import interleaved, paired_speedup
+from ssql_deploy.quant.artifact import load_quantized
+from ssql_deploy.quant.calib_set import load_calibration
 
 
 def _bench(cli: CliRun, target: Path, out: Path) -> dict[str, dict]:
@@ -58,3 +61,21 @@ def test_speedups_compare_with_the_fp32_row_of_the_same_runtime_and_tensorrt_wit
     name: str, runtime: str, expected: str | None
 ) -> None:
     assert baseline_name(Row(name=name, runtime=runtime, bits="w8a8", status="ok", top1=None, latency={})) == expected
+
+
+def test_the_peer_benchmark_gives_quantize_static_the_ops_and_calibration_ours_gets(deployed: Path, tmp_path: Path) -> None:
+    """benchmarks/ort_int8_speed.py, like for like: ORT's quantize_static on the same FP32 ONNX and images ends up with the
+    same integer kernels as our export (every conv and residual add), the classifier left in float on both sides."""
+    spec = importlib.util.spec_from_file_location("ort_int8_speed", Path(__file__).resolve().parents[1] / "benchmarks/ort_int8_speed.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    meta = load_quantized(deployed / "quant/w4a4/quantized.pt").meta
+    images, _ = load_calibration(meta.source(), 64, deployed.parent / "calib")
+    ours = bench.kernels(deployed / "export/w4a4-ort/model.qdq.onnx")
+    for calibrator in bench.CALIBRATORS:
+        theirs = bench.kernels(
+            bench.ort_quantize_static(deployed / "export/fp32/model.onnx", tmp_path / f"{calibrator}.onnx", images, calibrator)
+        )
+        assert theirs == ours, (calibrator, theirs, ours)
+    assert ours["QLinearConv"] == 12 and ours.get("QLinearAdd", 0) == 4 and "QGemm" not in ours

@@ -12,7 +12,7 @@ from conftest import CliRun, assert_user_error
 
 from ssql_deploy.export.onnx_graph import build_onnx
 from ssql_deploy.export.ort_session import integer_conv_report, make_session
-from ssql_deploy.export.parity import MAX_MISMATCH_FRACTION, check_parity
+from ssql_deploy.export.parity import MAX_FIRST_MISMATCH_FRACTION, check_parity
 from ssql_deploy.export.trt_rules import check_trt_qdq
 from ssql_deploy.models import create_model
 from ssql_deploy.models.trained import load_trained
@@ -42,12 +42,13 @@ def test_every_bit_width_pair_exports_and_matches_pytorch(engine: str, trained: 
         assert exported.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
         parity = check_parity(gm, exported, images)
         assert parity["passed"] and parity["top1_agreement"] >= 99.0, (w, a, parity["top1_agreement"])
-        # Both sides quantize x / scale with ties to even; a float accumulation order that puts a value on the other side
-        # of a rounding boundary flips it by a step and the flip spreads downstream, but it stays rare in every layer.
+        # Both sides quantize x / scale with ties to even: divergence starts as isolated flips where float accumulation
+        # order crosses a rounding boundary, and on this 4-block network it stays under 1% of any layer's values.
         layers = parity["per_layer"]
-        worst = max(layer["mismatch_fraction"] for layer in layers.values())
-        assert worst == parity["max_mismatch_fraction"] <= MAX_MISMATCH_FRACTION, (w, a, layers)
-        assert parity["first_mismatch"] == next((k for k, v in layers.items() if v["mismatch_fraction"] > 0), None)
+        first = parity["first_mismatch"]
+        assert first == next((k for k, v in layers.items() if v["mismatch_fraction"] > 0), None)
+        assert first is None or layers[first]["mismatch_fraction"] <= MAX_FIRST_MISMATCH_FRACTION, (w, a, layers)
+        assert max(layer["mismatch_fraction"] for layer in layers.values()) == parity["max_mismatch_fraction"] <= 0.01, (w, a, layers)
         if engine == "trt":
             assert check_trt_qdq(exported) == [], (w, a)
         inits = {t.name: onnx.numpy_helper.to_array(t) for t in exported.graph.initializer}
@@ -106,7 +107,7 @@ def test_cli_quantize_export_bench_gate(tiny_run: Path, tmp_path: Path, cli: Cli
     ok = rows["qdq-ort-w8a8"]
     assert ok["status"] == "ok" and ok["n_images"] == 300 and set(ok["latency"]) == {"1", "4"}
     assert ok["agreement"] >= 99 and ok["agreement_with"].startswith("PyTorch twin") and ok["layout_agreement"] is not None
-    assert ok["speedup"]["4"]["baseline"] == "onnx-fp32" and ok["latency"]["4"]["rounds"] == 10
+    assert ok["speedup"]["4"]["baseline"] == "onnx-fp32" and ok["latency"]["4"]["rounds"] == 5
     assert ok["size_bytes"] > 0 and report["env"]["threads"] >= 1
     assert (tmp_path / "bench/report.png").stat().st_size > 10_000 and "| name |" in (tmp_path / "bench/report.md").read_text()
 

@@ -3,7 +3,8 @@
 Everything that can refuse the job is checked before the first measurement: each artifact's
 data, class count and input size, and that its runtime loads it. Accuracy is then scored on the
 test split, with each artifact's agreement against the PyTorch model of its own layout; latency
-is measured for all artifacts side by side (timing.py) and speed-ups come from paired rounds.
+is measured side by side for the artifacts of each runtime (timing.py) and speed-ups come from
+paired rounds.
 """
 
 import os
@@ -78,34 +79,22 @@ def _agreement(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
     return None if a is None or b is None else round(100.0 * float(np.mean(a == b)), 3)
 
 
-def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
-    artifacts = discover(recipe.artifacts)
-    measurable = [a for a in artifacts if a.meta is not None and (a.status == OK or a.status.startswith("unverified"))]
-    if not measurable:
-        raise UserError("none of the artifacts can be measured", "pass a run directory with a fine-tuned or exported model")
+def _sources(measurable: list[Artifact], recipe: BenchRecipe) -> dict[str, DataSource]:
+    """Each artifact's data, said (and class-checked) once per model, not once per artifact; input sizes checked."""
     sources: dict[str, DataSource] = {}
     by_model: dict[ModelMeta, DataSource] = {}
     for artifact in measurable:
         assert artifact.meta is not None
-        if artifact.meta not in by_model:  # said (and class-checked) once per model, not once per artifact
+        if artifact.meta not in by_model:
             by_model[artifact.meta] = model_data(artifact.meta, recipe.data, recipe.data_root, recipe.input_size, recipe.download)
         sources[artifact.name] = by_model[artifact.meta]
         _check_input_size(artifact, sources[artifact.name].input_size)
-    threads = recipe.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    return sources
 
-    rows = {a.name: Row(name=a.name, runtime=a.runtime, bits=a.bits, status=a.status, top1=None, latency={},
-                        size_bytes=a.path.stat().st_size if a.path is not None and a.path.is_file() else None, notes=a.notes)
-            for a in artifacts}  # fmt: skip
-    runners: dict[str, Runner] = {}
-    for artifact in measurable:
-        try:
-            runners[artifact.name] = load_runner(artifact, threads)
-        except (ImportError, RuntimeError) as exc:  # TensorRT absent or no GPU: the row is skipped, the rest measured
-            rows[artifact.name].status = f"skipped: {str(exc).splitlines()[0]}"
-            continue
-        rows[artifact.name].runtime_detail = runners[artifact.name].detail
 
+def _score(measurable: list[Artifact], runners: dict[str, Runner], sources: dict[str, DataSource], rows: dict[str, Row],
+           recipe: BenchRecipe) -> None:  # fmt: skip
+    """Top-1 on the test split, and agreement with the PyTorch twin of the same layout (or the FP32 reference)."""
     loaders: dict[DataSource, Any] = {}
     predictions: dict[str, np.ndarray] = {}
     for name, runner in runners.items():
@@ -126,16 +115,49 @@ def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
         elif artifact.reference in predictions:
             row.agreement, row.agreement_with = _agreement(predictions[artifact.name], predictions[artifact.reference]), artifact.reference
 
+
+def _time(runners: dict[str, Runner], sources: dict[str, DataSource], rows: dict[str, Row], recipe: BenchRecipe) -> None:
+    """Latency per batch size and paired speed-ups.
+
+    Interleaved within a runtime, one runtime after another: speed-ups only pair rows of one runtime, and
+    a torch run's OpenMP threads still spinning when an ONNX Runtime run starts would slow that ORT row.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in runners:
+        groups.setdefault(rows[name].runtime, []).append(name)
     for batch in recipe.batch_sizes:
-        timers = {name: runner.timer(batch, sources[name].input_size) for name, runner in runners.items()}
-        measured = interleaved(timers, recipe.warmup, recipe.runs, recipe.rounds, f"timing at batch {batch}")
+        measured = {}
+        for runtime, names in groups.items():
+            timers = {name: runners[name].timer(batch, sources[name].input_size) for name in names}
+            measured |= interleaved(timers, recipe.warmup, recipe.runs, recipe.rounds, f"timing {runtime} at batch {batch}")
         for name, m in measured.items():
             rows[name].latency[str(batch)] = m.latency(batch)
-        for name, m in measured.items():
             base = baseline_name(rows[name])
             if base is not None and base in measured:
                 rows[name].speedup[str(batch)] = paired_speedup(base, measured[base], m)
+
+
+def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
+    artifacts = discover(recipe.artifacts)
+    measurable = [a for a in artifacts if a.meta is not None and (a.status == OK or a.status.startswith("unverified"))]
+    if not measurable:
+        raise UserError("none of the artifacts can be measured", "pass a run directory with a fine-tuned or exported model")
+    sources = _sources(measurable, recipe)
+    threads = recipe.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    rows = {a.name: Row(name=a.name, runtime=a.runtime, bits=a.bits, status=a.status, top1=None, latency={},
+                        size_bytes=a.path.stat().st_size if a.path is not None and a.path.is_file() else None, notes=a.notes)
+            for a in artifacts}  # fmt: skip
+    runners: dict[str, Runner] = {}
+    for artifact in measurable:
+        try:
+            runners[artifact.name] = load_runner(artifact, threads)
+        except (ImportError, RuntimeError) as exc:  # TensorRT absent or no GPU: the row is skipped, the rest measured
+            rows[artifact.name].status = f"skipped: {str(exc).splitlines()[0]}"
+            continue
+        rows[artifact.name].runtime_detail = runners[artifact.name].detail
+    _score(measurable, runners, sources, rows, recipe)
+    _time(runners, sources, rows, recipe)
     data = recipe.data or next(iter(sources.values())).data
     report = Report(env=_env(recipe, threads, data), rows=list(rows.values()))
-    paths = write_reports(report, recipe.out)
-    return {"report": report, "paths": paths}
+    return {"report": report, "paths": write_reports(report, recipe.out)}

@@ -96,7 +96,8 @@ def export_cmd(
     table = Table(title=f"exported {metrics['variant']} for {metrics['engine']}")
     for col in ("file", "top-1 agreement", "values off by >= 1 step (worst layer)", "first differing layer", "max logit diff", "status"):
         table.add_column(col)
-    first = parity["first_mismatch"] or "none"
+    first = parity["first_mismatch"]
+    first = f"{first} ({100 * parity['per_layer'][first]['mismatch_fraction']:.4f}% of its values)" if first else "none"
     table.add_row(metrics["onnx"], f"{parity['top1_agreement']:.1f}%", f"{100 * parity['max_mismatch_fraction']:.3f}%", first,
                   f"{parity['max_abs_logit_diff']:.4f}", metrics["status"])  # fmt: skip
     results.print(table)

@@ -31,11 +31,11 @@ def _stage(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
-def _differences(recorded: dict[str, Any], recipe: Recipe, inputs: dict[str, Any], current_inputs: dict[str, Path]) -> str:
-    diffs = setting_differences(recorded, recipe.model_dump(mode="json"), RESUME_FREE)  # ckpt: by content below
-    for key, path in current_inputs.items():
-        old = inputs.get(key, {}).get("sha256") if isinstance(inputs.get(key), dict) else None
-        new = sha256_file(path) if path.is_file() else None
+def _differences(recorded: dict[str, Any], recipe: Recipe, recorded_hashes: dict[str, str], inputs: dict[str, Path]) -> str:
+    """What a stage was made with that the recipe no longer asks for: settings, and input files by content (not path)."""
+    diffs = setting_differences(recorded, recipe.model_dump(mode="json"), RESUME_FREE)
+    for key, path in inputs.items():
+        old, new = recorded_hashes.get(key), sha256_file(path) if path.is_file() else None
         if old is not None and new is not None and old != new:
             diffs.append((key, f"sha256 {old[:12]}", f"sha256 {new[:12]}"))
     return describe_differences(diffs)
@@ -45,7 +45,7 @@ def _train_once(stage_dir: Path, recipe: Recipe, inputs: dict[str, Path], train:
     """Reuse a finished stage, resume an interrupted one, start a missing one: each only if it matches the recipe."""
     manifest = read_manifest(stage_dir)
     if manifest is not None:
-        differs = _differences(manifest.settings, recipe, manifest.model_dump()["inputs"], inputs)
+        differs = _differences(manifest.settings, recipe, {k: r.sha256 for k, r in manifest.inputs.items()}, inputs)
         what = "finished"
     elif (stage_dir / "last.pt").is_file():
         state = load_checkpoint(stage_dir / "last.pt")
