@@ -160,6 +160,12 @@ def _ordered_profile(batches: list[int]) -> list[int]:
     return batches
 
 
+def _label(value: str) -> str:
+    """A quantized model's name: a bit spec (`8` means w8a8), or a config label with its hash (`w4a4-1a2b3c`)."""
+    spec, dash, digest = value.strip().lower().partition("-")
+    return _bit_spec(spec) + (dash + digest if dash else "")
+
+
 def _bit_spec(value: str) -> str:
     from ssql_deploy.quant.bits import BitSpec
 
@@ -174,6 +180,7 @@ class QuantizeRecipe(DataRecipe):
     arch: str | None = None  # only for plain state dicts, which do not name their architecture
     data: str | None = None  # default: the dataset the model was fine-tuned on
     bits: str = "w8a8"
+    layer_bits: list[str] = []  # PATTERN=SPEC overrides of the default widths, in order (quant/config.py)
     calib: Calibrator = "percentile"
     percentile: float = Field(default=99.99, gt=50, le=100)
     calib_size: int = Field(default=512, ge=1)
@@ -218,7 +225,7 @@ class ExportRecipe(Recipe):
     @model_validator(mode="after")
     def _normalise(self) -> "ExportRecipe":
         if self.bits is not None:
-            self.bits = _bit_spec(self.bits)
+            self.bits = _label(self.bits)
         return self
 
 
@@ -237,6 +244,7 @@ class BenchRecipe(DataRecipe):
 
 class PipelineQuantize(Recipe):
     bits: list[str] = Field(default=["w8a8"], min_length=1)
+    layer_bits: list[str] = []  # applied to every bit spec
     calib: Calibrator = "percentile"
     percentile: float = Field(default=99.99, gt=50, le=100)
     calib_size: int = Field(default=512, ge=1)

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from ssql_deploy.errors import UserError
-from ssql_deploy.models import create_model
+from ssql_deploy.models import create_model, model_spec
 from ssql_deploy.models.checkpoint import import_weights, load_checkpoint, save_atomic
 
 
@@ -34,7 +34,7 @@ def test_ssql_reference_checkpoint_keeps_only_the_backbone(tmp_path: Path, prefi
     path = tmp_path / "ssql.pth.tar"
     torch.save(ssql_reference_checkpoint(source, prefix), path)
     target = create_model("resnet18_quarter", 10, "cifar")
-    report = import_weights(load_checkpoint(path), target, "resnet18_quarter")
+    report = import_weights(load_checkpoint(path), target, model_spec("resnet18_quarter"))
     assert torch.equal(target.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     assert torch.equal(target.bn1.running_var, source.bn1.running_var)
     assert report.missing == ["fc.weight", "fc.bias"]
@@ -48,7 +48,7 @@ def test_torchvision_state_dict_drops_a_classifier_of_another_task(tmp_path: Pat
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), path)
     model = create_model("resnet18", 102)
-    report = import_weights(load_checkpoint(path), model, "resnet18")
+    report = import_weights(load_checkpoint(path), model, model_spec("resnet18"))
     assert torch.equal(model.conv1.weight, tv.conv1.weight)
     assert report.dropped["classifier of another task"] == ["fc.weight", "fc.bias"]
 
@@ -58,7 +58,7 @@ def test_own_checkpoint_round_trips_with_its_classifier(tmp_path: Path) -> None:
     path = tmp_path / "best.pt"
     save_atomic({"format": "ssql-deploy", "kind": "model", "arch": "test_resnet", "model": source.state_dict()}, path)
     target = create_model("test_resnet", 10, "cifar")
-    report = import_weights(load_checkpoint(path), target, "test_resnet")
+    report = import_weights(load_checkpoint(path), target, model_spec("test_resnet"))
     assert report.missing == [] and torch.equal(target.fc.weight, source.fc.weight)
 
 
@@ -80,14 +80,14 @@ def test_shape_mismatch_names_the_tensor_and_the_fix(tmp_path: Path) -> None:
     path = tmp_path / "imagenet-stem.pth"
     torch.save(create_model("resnet18_quarter", 10, "imagenet").state_dict(), path)
     with pytest.raises(UserError, match=r"conv1.weight has shape \[16, 3, 7, 7\].*--stem"):
-        import_weights(load_checkpoint(path), create_model("resnet18_quarter", 10, "cifar"), "resnet18_quarter")
+        import_weights(load_checkpoint(path), create_model("resnet18_quarter", 10, "cifar"), model_spec("resnet18_quarter"))
 
 
 def test_foreign_checkpoint_matching_nothing_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "vit.pth"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3), "cls_token": torch.zeros(1)}, path)
     with pytest.raises(UserError, match="holds no weights for test_resnet"):
-        import_weights(load_checkpoint(path), create_model("test_resnet", 10), "test_resnet")
+        import_weights(load_checkpoint(path), create_model("test_resnet", 10), model_spec("test_resnet"))
 
 
 class _Pickled:
@@ -121,3 +121,29 @@ def test_a_tensor_is_not_a_checkpoint(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), path)
     with pytest.raises(UserError, match="holds a Tensor"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["test_mobilenet_v2", "test_mobilenet_v3", "test_efficientnet", "test_regnet"])
+def test_every_family_imports_torchvision_and_ssql_reference_checkpoints(name: str, tmp_path: Path) -> None:
+    spec = model_spec(name)
+    source = create_model(name, 1000, "imagenet")
+    plain = tmp_path / "torchvision.pth"
+    torch.save(source.state_dict(), plain)
+    target = create_model(name, 10, "cifar")
+    report = import_weights(load_checkpoint(plain), target, spec)
+    assert report.dropped == {"classifier of another task": [f"{spec.classifier}.weight", f"{spec.classifier}.bias"]}
+    assert report.missing == [f"{spec.classifier}.weight", f"{spec.classifier}.bias"]
+    reference = tmp_path / "ssql.pth.tar"  # DDP + encoder prefixes, the projector where the head was, a predictor beside it
+    state = {f"module.encoder.{k}": v for k, v in source.state_dict().items() if not k.startswith(spec.head + ".")}
+    state |= {f"module.encoder.{spec.head}.0.weight": torch.zeros(4, 4), "module.predictor.0.weight": torch.zeros(4, 4)}
+    torch.save({"state_dict": state, "epoch": 400}, reference)
+    report = import_weights(load_checkpoint(reference), create_model(name, 10, "cifar"), spec)
+    assert report.source_format.endswith("prefix 'module.encoder.'") and not [k for k in report.missing if not k.startswith(spec.head)]
+    assert f"projector (encoder.{spec.head})" in report.dropped and "SSL head / quantizer state" in report.dropped
+
+
+def test_a_checkpoint_of_another_family_names_both(tmp_path: Path) -> None:
+    path = tmp_path / "resnet.pth"
+    torch.save(create_model("test_resnet", 10).state_dict(), path)
+    with pytest.raises(UserError, match=r"no weights for mobilenet_v2, a mobilenet_v2 .*looks like a resnet checkpoint"):
+        import_weights(load_checkpoint(path), create_model("mobilenet_v2", 10), model_spec("mobilenet_v2"))

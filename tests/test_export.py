@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import CliRun, assert_user_error
+from conftest import CliRun, assert_user_error, without_zero_init
 
 from ssql_deploy.export.onnx_graph import build_onnx
 from ssql_deploy.export.ort_session import integer_conv_report, make_session
@@ -62,7 +62,7 @@ def test_every_bit_width_pair_exports_and_matches_pytorch(engine: str, trained: 
 @pytest.mark.parametrize("stem, size", [("cifar", 32), ("imagenet", 64)])
 def test_ort_runs_every_conv_as_an_integer_kernel(zero_point: int, stem: str, size: int) -> None:
     torch.manual_seed(0)
-    model = create_model("test_resnet", 10, stem, zero_init_residual=False).eval()  # type: ignore[arg-type]
+    model = without_zero_init(create_model("test_resnet", 10, stem)).eval()  # type: ignore[arg-type]
     gm = prepare(model, "ort", BitSpec(4, 4))
     calibrate(gm, [torch.randn(48, 3, size, size)], "percentile")
     report = integer_conv_report(build_onnx(gm, (3, size, size), "ort", weight_zero_point=zero_point))

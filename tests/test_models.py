@@ -46,3 +46,54 @@ def test_zero_init_residual_starts_blocks_as_identity() -> None:
 def test_unknown_architecture_is_a_user_error() -> None:
     with pytest.raises(UserError, match="unknown architecture 'resnet19'.*resnet18"):
         create_model("resnet19", 10)
+
+
+TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "regnet_x_400mf"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_families_keep_torchvision_names_and_load_its_state_dicts(name: str) -> None:
+    theirs = getattr(torchvision.models, name)().eval()
+    ours = create_model(name, 1000).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_width_half_mobilenet_v2_matches_torchvision() -> None:
+    theirs = torchvision.models.mobilenet_v2(width_mult=0.5)
+    assert {k: v.shape for k, v in create_model("mobilenet_v2_050", 1000).state_dict().items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("name", [*TORCHVISION, "test_mobilenet_v2", "test_mobilenet_v3", "test_efficientnet", "test_regnet"])
+def test_small_input_variant_reduces_two_strides_and_keeps_the_parameters(name: str) -> None:
+    small, large = create_model(name, 10, pick_stem(32)).eval(), create_model(name, 10, pick_stem(224)).eval()
+    assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in large.state_dict().items()}
+    last = [m for m in small.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    seen: list[int] = []
+    last.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[-1]))
+    with torch.no_grad():
+        small(torch.randn(1, 3, 32, 32))
+    assert seen[0] >= 2, "the small-input variant keeps more than 1x1 at 32 px"
+    strided = lambda m: sum(c.stride == (2, 2) for c in m.modules() if isinstance(c, torch.nn.Conv2d))  # noqa: E731
+    assert strided(large) - strided(small) >= 2
+
+
+def test_every_family_has_a_tiny_model_and_the_listing_counts_parameters() -> None:
+    families = {s.family for s in list_models()}
+    assert families == {"resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet", "regnet"}
+    for family in families:
+        tiny = [s for s in list_models() if s.family == family and s.name.startswith("test_")]
+        assert tiny, family
+        model = create_model(tiny[0].name, 10, "cifar")
+        assert sum(p.numel() for p in model.parameters()) < 200_000
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_architecture_lists_the_families() -> None:
+    with pytest.raises(UserError, match="families: efficientnet, mobilenet_v2, mobilenet_v3, regnet, resnet"):
+        create_model("vgg16", 10)

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import without_zero_init
 from torch import nn
 
 from ssql_deploy.models import create_model
 from ssql_deploy.pretrain import losses
 from ssql_deploy.pretrain.config import METHODS
 from ssql_deploy.pretrain.methods import SSQL, SSLMethod, build_method
-from ssql_deploy.quant.placement import STEM_BITS, act_quantizers
+from ssql_deploy.quant.config import STEM_BITS
+from ssql_deploy.quant.placement import act_quantizers
 from ssql_deploy.quant.quantizer import QuantConv2d, QuantLinear
 from ssql_deploy.recipe import PretrainRecipe
 
@@ -202,7 +204,7 @@ def test_bits_are_drawn_every_step_and_reach_the_quantizers() -> None:
 
 
 def test_gradients_reach_the_shared_convs_through_the_quantized_branch_alone() -> None:
-    backbone = create_model("test_resnet", 1, "cifar", zero_init_residual=False)  # no zero gamma hiding gradients
+    backbone = without_zero_init(create_model("test_resnet", 1, "cifar"))  # no zero gamma hiding gradients
     method = _method("ssql", backbone=backbone, aux_loss=False)  # loss = quantized term only
     loss, stats = method(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     assert "loss_fp" not in stats

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import without_zero_init
 from onnx import TensorProto, helper, numpy_helper
 
 from ssql_deploy.errors import UserError
@@ -33,7 +34,7 @@ HW = {"cifar": 32, "imagenet": 64}
 @functools.cache
 def _export(stem: str, bits: str, engine: str = "trt") -> onnx.ModelProto:
     torch.manual_seed(0)
-    model = create_model("test_resnet", 10, stem, zero_init_residual=False).eval()
+    model = without_zero_init(create_model("test_resnet", 10, stem)).eval()
     gm = prepare(model, engine, BitSpec.parse(bits))
     calibrate(gm, [torch.randn(32, 3, HW[stem], HW[stem])], "minmax")
     return build_onnx(gm, (3, HW[stem], HW[stem]), engine)

@@ -25,7 +25,7 @@ from ssql_deploy.quant.artifact import QUANT_FILE, variant
 class Artifact:
     name: str
     runtime: str  # torch | onnxruntime | tensorrt
-    bits: str  # fp32 | fp16 | wXaY
+    bits: str  # fp32 | fp16 | the quantized model's label (wXaY, wXaY-<hash>, with -lsq after QAT)
     kind: str  # torch-float | torch-fakequant | onnx | plan
     path: Path | None
     meta: ModelMeta | None = None
@@ -106,7 +106,8 @@ def from_file(path: Path) -> Artifact:
         raise UserError(f"{path} is not a model written by ssql-deploy", "bench run directories, .onnx, .plan or ssql-deploy .pt files")
     meta = ModelMeta.from_checkpoint(obj)
     if obj.get("kind") == "quantized":
-        return _trust(Artifact(f"torch-{variant(obj['bits'], obj['lsq'])}", "torch", obj["bits"], "torch-fakequant", path, meta))
+        label = variant(obj.get("label", obj["bits"]), obj["lsq"])
+        return _trust(Artifact(f"torch-{label}", "torch", label, "torch-fakequant", path, meta))
     return _trust(Artifact("torch-fp32", "torch", "fp32", "torch-float", path, meta))
 
 

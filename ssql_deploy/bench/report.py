@@ -22,12 +22,12 @@ METHOD_NOTES = (
 )
 
 
-def bits_order(bits: str) -> tuple[int, int]:
-    """fp32 first, then by weight then activation bits, widest first."""
+def bits_order(bits: str) -> tuple[int, int, str]:
+    """fp32 first, then by default weight then activation bits, widest first (labels with overrides beside theirs)."""
     if not bits.startswith("w"):
-        return (99, 99)
-    w, a = bits[1:].split("a")
-    return (int(w), int(a))
+        return (99, 99, bits)
+    w, a = bits[1:].split("-")[0].split("a")
+    return (int(w), int(a), bits)
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

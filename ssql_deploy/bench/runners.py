@@ -17,9 +17,8 @@ from ssql_deploy.bench.artifacts import Artifact
 from ssql_deploy.errors import UserError
 from ssql_deploy.export.onnx_graph import INPUT_NAME
 from ssql_deploy.export.ort_session import make_session, providers
-from ssql_deploy.models import create_model
 from ssql_deploy.models.checkpoint import load_checkpoint
-from ssql_deploy.models.trained import ModelMeta
+from ssql_deploy.models.trained import ModelMeta, build_model
 from ssql_deploy.quant.artifact import load_quantized
 
 
@@ -83,8 +82,7 @@ def torch_model(path: Path, kind: str) -> torch.nn.Module:
     if kind == "torch-fakequant":
         return load_quantized(path).gm
     obj = load_checkpoint(path)
-    meta = ModelMeta.from_checkpoint(obj)
-    model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
+    model = build_model(ModelMeta.from_checkpoint(obj))
     model.load_state_dict({k: v for k, v in obj["model"].items() if k in model.state_dict()})
     return model
 

@@ -22,12 +22,13 @@ def datasets_cmd() -> None:
 
 @user_errors("interrupted")
 def models_cmd() -> None:
-    """List the backbones."""
-    from ssql_deploy.models import list_models
+    """List the backbones with their parameter counts (at 1000 classes, as torchvision counts them)."""
+    from ssql_deploy.models import create_model, list_models
 
-    table = Table(title="backbones (torchvision parameter names; stem picked by input size)")
-    for col in ("name", "blocks", "base width", "description"):
-        table.add_column(col)
+    table = Table(title="backbones (torchvision parameter names; small-input variant picked for inputs <= 64 px)")
+    for col in ("name", "family", "parameters", "description"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
     for spec in list_models():
-        table.add_row(spec.name, "-".join(map(str, spec.layers)), str(spec.base_width), spec.description)
+        params = sum(p.numel() for p in create_model(spec.name, 1000).parameters())
+        table.add_row(spec.name, spec.family, f"{params / 1e6:.2f} M" if params >= 1e5 else f"{params / 1e3:.1f} k", spec.description)
     results.print(table)

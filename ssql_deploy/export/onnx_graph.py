@@ -23,8 +23,10 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
+from torchvision.ops import StochasticDepth
 
 from ssql_deploy.errors import UserError
 from ssql_deploy.quant.fold import bn_affine
@@ -35,6 +37,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
 _ADD_OPS = (operator.add, operator.iadd, torch.add)
+_MUL_OPS = (operator.mul, operator.imul, torch.mul)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class _Emitter:
                 self.env[node] = self.emit_module(node, self.module(node))
             elif node.op == "call_function":
                 self.env[node] = self.emit_function(node)
+            elif node.op == "call_method":
+                self.env[node] = self.emit_method(node)
             else:
                 raise _unsupported(node)
         self.prune({o.name for o in outputs})
@@ -131,9 +136,7 @@ class _Emitter:
             return self.conv(node, m, x)
         if isinstance(m, nn.BatchNorm2d):
             return _Value(self.batch_norm(m, x.name, base))
-        if isinstance(m, nn.ReLU):
-            return _Value(self.op("Relu", [x.name], base))
-        if isinstance(m, nn.Identity):
+        if isinstance(m, (nn.Identity, nn.Dropout, StochasticDepth)):  # inference: the identity
             return x
         if isinstance(m, nn.MaxPool2d):
             return self.max_pool(m, x, base)
@@ -141,12 +144,61 @@ class _Emitter:
             return _Value(self.op("GlobalAveragePool", [x.name], base))
         if isinstance(m, nn.Linear):
             return _Value(self.linear(m, x, base))
+        if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1):
+            return _Value(self.op("Flatten", [x.name], base, axis=1))
+        if isinstance(m, nn.ReLU6) and self.engine == "ort" and self.saturates_at_6(node):
+            return _Value(self.op("Relu", [x.name], base))  # the same integers, and ORT folds a Relu into the QLinearConv
+        activation = self.activation(m, x.name, base)
+        if activation is not None:
+            return _Value(activation)
         raise _unsupported(node)
+
+    def saturates_at_6(self, node: fx.Node) -> bool:
+        """Whether the quantizer after this ReLU6 already maps 6 to its top integer: then its clamp is the ReLU6's upper
+        bound, and a Relu gives the same integers. ORT removes a Clip only when the whole uint8 range lies inside it,
+        which a low-bit grid (its top far below 255) never does, and the conv before it would stay float."""
+        users = list(node.users)
+        q = self.module(users[0]) if len(users) == 1 and users[0].op == "call_module" else None
+        if not isinstance(q, ActQuantizer) or q.signed:
+            return False
+        p = q.qparams()
+        return int(torch.clamp(torch.round(torch.tensor(6.0) / p.scale) + p.zero_point, p.qmin, p.qmax)) == p.qmax
+
+    def activation(self, m: nn.Module, x: str, base: str) -> str | None:
+        """ONNX for torch's activations: Relu, Clip for ReLU6, HardSwish, HardSigmoid (torch's 1/6 and 1/2), Sigmoid,
+        and Sigmoid * x for SiLU (no SiLU op in opset 17)."""
+        if isinstance(m, nn.ReLU):
+            return self.op("Relu", [x], base)
+        if isinstance(m, nn.ReLU6):
+            bounds = [self.const(f"{base}_{k}", np.array(v, np.float32)) for k, v in (("min", 0.0), ("max", 6.0))]
+            return self.op("Clip", [x, *bounds], base)
+        if isinstance(m, nn.Hardswish):
+            return self.op("HardSwish", [x], base)
+        if isinstance(m, nn.Hardsigmoid):
+            return self.op("HardSigmoid", [x], base, alpha=1.0 / 6.0, beta=0.5)
+        if isinstance(m, nn.Sigmoid):
+            return self.op("Sigmoid", [x], base)
+        if isinstance(m, nn.SiLU):
+            return self.op("Mul", [x, self.op("Sigmoid", [x], f"{base}_sigmoid")], base)
+        return None
 
     def emit_function(self, node: fx.Node) -> _Value:
         if node.target in _ADD_OPS:
             return _Value(self.op("Add", [self.arg(node, 0).name, self.arg(node, 1).name], node.name))
-        if node.target is torch.flatten and tuple(node.args[1:]) in ((1,), ()):
+        if node.target in _MUL_OPS:
+            return _Value(self.op("Mul", [self.arg(node, 0).name, self.arg(node, 1).name], node.name))
+        if node.target is F.adaptive_avg_pool2d and _pair(node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]) == (1, 1):
+            return _Value(self.op("GlobalAveragePool", [self.arg(node).name], node.name))
+        if node.target is torch.cat:
+            tensors = node.args[0]
+            axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            return _Value(self.op("Concat", [self.env[t].name for t in tensors], node.name, axis=int(axis)))  # type: ignore[union-attr]
+        if node.target is torch.flatten and _flatten_from_1(node):
+            return _Value(self.op("Flatten", [self.arg(node).name], node.name, axis=1))
+        raise _unsupported(node)
+
+    def emit_method(self, node: fx.Node) -> _Value:
+        if node.target == "flatten" and _flatten_from_1(node):
             return _Value(self.op("Flatten", [self.arg(node).name], node.name, axis=1))
         raise _unsupported(node)
 
@@ -260,10 +312,19 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _flatten_from_1(node: fx.Node) -> bool:
+    """torch.flatten(x, 1) / x.flatten(1) / x.flatten(start_dim=1): what ONNX Flatten(axis=1) does on NCHW."""
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start == 1 and end == -1
+
+
 def _unsupported(node: fx.Node) -> UserError:
+    what = str(getattr(node.target, "__name__", node.target))
     return UserError(
-        f"the ONNX exporter does not support {node.op} {node.target!s} (node {node.name})",
-        "export works for the registry's ResNet backbones; see `ssql-deploy models`",
+        f"the ONNX exporter does not support {node.op} {what} (node {node.name})",
+        "export covers the registry's families (see `ssql-deploy models`): convs, BatchNorm, the usual activations, add, mul, "
+        "cat, pooling, flatten and the Linear head",
     )
 
 

@@ -33,7 +33,7 @@ MAX_FIRST_MISMATCH_FRACTION = 0.001
 def _torch_outputs(gm: fx.GraphModule, images: Sequence[torch.Tensor]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     captured: dict[str, list[np.ndarray]] = {}
     hooks = [
-        q.register_forward_hook(lambda _m, _i, out, name=name: captured.setdefault(name, []).append(out.detach().numpy()))
+        q.register_forward_hook(lambda _m, _i, out, name=name: captured.setdefault(name, []).append(out.detach().numpy().copy()))
         for name, q in act_quantizers(gm).items()
     ]
     gm.eval()

@@ -25,7 +25,6 @@ from ssql_deploy.manifest import read_manifest, unverified_reason, write_manifes
 from ssql_deploy.models.checkpoint import save_atomic
 from ssql_deploy.models.trained import ModelMeta
 from ssql_deploy.quant.artifact import find_quantized, load_quantized, twin_payload, variant
-from ssql_deploy.quant.bits import BitSpec
 from ssql_deploy.quant.calib_set import load_calibration
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.placement import ActPoint, trace
@@ -74,19 +73,19 @@ def _numerics_notes(gm: torch.fx.GraphModule) -> list[str]:
     """Where the deployed numerics differ from the `ssql` simulation, said in plain words."""
     points: dict[str, ActPoint] = gm.quant_points  # type: ignore[assignment]
     notes = []
-    resigned = sum(1 for p in points.values() if p.kind == "relu" and p.signed)
+    resigned = sum(1 for p in points.values() if p.nonnegative and p.signed and p.bits == 8)
     if resigned:
-        notes.append(f"{resigned} post-ReLU 8-bit activations re-expressed as signed int8 (127 levels, not 255): "
+        notes.append(f"{resigned} non-negative 8-bit activations re-expressed as signed int8 (127 levels, not 255): "
                      "TensorRT has no uint8; accuracy measured on this artifact is of these deployed numerics")  # fmt: skip
-    extra = sum(1 for p in points.values() if p.kind != "relu")
+    extra = sum(1 for p in points.values() if p.kind in ("input", "branch", "skip", "preactivation"))
     if extra:
-        notes.append(f"{extra} 8-bit quantizers added for the runtime (network input, residual Add inputs) beyond the SSQL placement")
+        notes.append(f"{extra} 8-bit quantizers added for the runtime (network input, residual Add inputs, conv outputs "
+                     "before activations it cannot fuse) beyond the SSQL placement")  # fmt: skip
     return notes
 
 
 def run_export(recipe: ExportRecipe) -> dict[str, Any]:
-    bits = BitSpec.parse(recipe.bits) if recipe.bits else None
-    qpath = find_quantized(recipe.source, bits, recipe.lsq)
+    qpath = find_quantized(recipe.source, recipe.bits, recipe.lsq)
     loaded = load_quantized(qpath, layout=recipe.engine)
     gm, meta, saved, missing = loaded.gm, loaded.meta, loaded.saved, loaded.uncalibrated
     cal = saved["calibration"]
@@ -96,17 +95,17 @@ def run_export(recipe: ExportRecipe) -> dict[str, Any]:
     if missing:
         calibrate(gm, batches, cal["calibrator"], cal["percentile"], points=sorted(missing))
     run_dir = recipe.out or (recipe.source if recipe.source.is_dir() else qpath.parents[2])
-    label = variant(saved["bits"], saved["lsq"])
+    label = variant(saved.get("label", saved["bits"]), saved["lsq"])
     out_dir = export_dir(run_dir, label, recipe.engine)
     chw = (3, meta.input_size, meta.input_size)
 
     zero_point = 0
     if recipe.engine == "ort" and (recipe.ort_kernel == "gemm" or (recipe.ort_kernel == "auto" and cpu_has_amx_int8())):
         zero_point = -1
-    props = model_props(meta, bits=saved["bits"], variant=label, engine=recipe.engine, calibrator=cal["calibrator"])
+    props = model_props(meta, bits=label, variant=label, engine=recipe.engine, calibrator=cal["calibrator"])
     model = build_onnx(gm, chw, recipe.engine, props, weight_zero_point=zero_point)
 
-    metrics: dict[str, Any] = {"bits": saved["bits"], "variant": label, "engine": recipe.engine, "notes": _numerics_notes(gm),
+    metrics: dict[str, Any] = {"bits": label, "variant": label, "engine": recipe.engine, "notes": _numerics_notes(gm),
                                "newly_calibrated_points": sorted(missing), "weight_zero_point": zero_point}  # fmt: skip
     problems: list[str] = []
     if recipe.engine == "trt":

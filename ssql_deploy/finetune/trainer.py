@@ -17,7 +17,7 @@ from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import shard
 from ssql_deploy.finetune.loop import BEST, LAST, Schedule, fit_classifier, refuse_or_resume
 from ssql_deploy.manifest import write_manifest
-from ssql_deploy.models import ResNet, create_model, pick_stem
+from ssql_deploy.models import create_model, model_spec, pick_stem, replace_head
 from ssql_deploy.models.checkpoint import import_weights, load_checkpoint
 from ssql_deploy.models.trained import ModelMeta, model_payload
 from ssql_deploy.progress import console
@@ -30,29 +30,31 @@ STAGE = "finetune"
 CHECKPOINT_CANDIDATES = (f"{STAGE}/{BEST}", "pretrain/backbone.pt", "pretrain/last.pt")
 
 
-def _prepare_model(recipe: FinetuneRecipe, meta: ModelMeta, dist: DistInfo) -> tuple[ResNet, dict[str, Any] | None]:
+def _prepare_model(recipe: FinetuneRecipe, meta: ModelMeta, dist: DistInfo) -> tuple[nn.Module, dict[str, Any] | None]:
+    spec = model_spec(meta.arch)
     model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
     report = None
     if recipe.ckpt is not None:
         path = resolve_checkpoint(recipe.ckpt, CHECKPOINT_CANDIDATES)
-        key_report = import_weights(load_checkpoint(path), model, meta.arch)
+        key_report = import_weights(load_checkpoint(path), model, spec)
         if dist.is_main:
             console.print(key_report.table())
         report = key_report.as_dict() | {"path": str(path)}
-    if recipe.mode == "linear":
+    if recipe.mode == "linear":  # the whole head becomes one Linear on the frozen pooled features, as in SSQL's linear eval
         for p in model.parameters():
             p.requires_grad_(False)
-        model.fc = nn.Linear(model.num_features, meta.num_classes)
-        nn.init.normal_(model.fc.weight, std=0.01)
-        nn.init.zeros_(model.fc.bias)
+        head = nn.Linear(spec.num_features(model), meta.num_classes)
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+        replace_head(model, spec, head)
     return model, report
 
 
-def _set_train_mode(model: ResNet, mode: str) -> None:
+def _set_train_mode(model: nn.Module, mode: str, head: nn.Module) -> None:
     model.train()
-    if mode == "linear":  # frozen backbone: BatchNorm keeps its pretrained statistics
-        for name, module in model.named_children():
-            if name != "fc":
+    if mode == "linear":  # frozen backbone: BatchNorm (and dropout) keep their pretrained behaviour
+        for module in model.modules():
+            if not any(module is m for m in head.modules()):
                 module.eval()
 
 
@@ -70,7 +72,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> tuple[Finetune
         recipe = resume_recipe(recipe, state, stage_dir)
     source = DataSource.of(recipe.data, recipe.data_root, recipe.input_size, recipe.download)
     stem = pick_stem(source.input_size) if recipe.stem == "auto" else recipe.stem
-    meta = ModelMeta.for_data(recipe.arch, stem, num_classes(recipe.data, recipe.data_root), source)
+    meta = ModelMeta.for_data(
+        recipe.arch, stem, num_classes(recipe.data, recipe.data_root), source, "linear" if recipe.mode == "linear" else "native"
+    )
     assert recipe.epochs is not None and recipe.lr is not None and recipe.weight_decay is not None
 
     train_set = source.split("train", recipe.subset, train_transform(source.input_size, source.mean, source.std))
@@ -103,8 +107,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> tuple[Finetune
     def payload(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
         return model_payload(kind, model, meta, **record, **extra)
 
+    head = model.get_submodule(model_spec(meta.arch).head)
     metrics = fit_classifier(model, optimizer, (train_loader, test_loader), sched, dist, stage_dir, STAGE, payload,
-                             state, lambda _epoch: _set_train_mode(model, recipe.mode))  # fmt: skip
+                             state, lambda _epoch: _set_train_mode(model, recipe.mode, head))  # fmt: skip
     if dist.is_main:
         settings = recipe.model_dump(mode="json") | {"resolved_model": meta.as_dict()}
         inputs = {"ckpt": Path(import_report["path"])} if import_report else {}

@@ -3,13 +3,14 @@
 Accepted inputs (always through `torch.load(weights_only=True)`: a checkpoint that needs code
 execution to unpickle is refused, never run):
 - SSQL reference checkpoints: `{'state_dict': ...}` from a DDP model, keys under `module.encoder.`,
-  `module.encoder_q.` or `encoder_q.model.`; projector (`encoder.fc.*`), predictor, queue and
+  `module.encoder_q.` or `encoder_q.model.`; projector (the family's head, `encoder.fc.*` for a ResNet), predictor, queue and
   quantizer/observer entries are dropped;
 - plain torchvision state dicts (a classifier whose shape does not fit is dropped and reported);
 - this tool's own checkpoints (`{"format": "ssql-deploy", ...}`).
 """
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.table import Table
 from torch import nn
 
 from ssql_deploy.errors import UserError
+from ssql_deploy.models.registry import ModelSpec, create_model, list_models
 from ssql_deploy.run import atomic_open
 
 FORMAT = "ssql-deploy"
@@ -129,35 +131,67 @@ def _strip_prefix(sd: dict[str, torch.Tensor], wanted: set[str]) -> tuple[dict[s
     }, best
 
 
-def import_weights(obj: dict[str, Any], model: nn.Module, arch: str) -> KeyReport:
-    """Load what fits `model` from any accepted checkpoint; raise on a backbone shape mismatch."""
+def _pattern(key: str) -> str:
+    return re.sub(r"\d+", "#", key)
+
+
+def family_of(keys: list[str]) -> str | None:
+    """Which registered family a state dict's key names look like (digits ignored), to name a checkpoint of another one."""
+    wanted = {_pattern(k) for k in keys}
+    best, best_share = None, 0.5
+    for family in sorted({s.family for s in list_models()}):
+        smallest = min((s for s in list_models() if s.family == family), key=lambda s: (not s.name.startswith("test_"), s.name))
+        share = len(wanted & {_pattern(k) for k in create_model(smallest.name, 10).state_dict()}) / max(len(wanted), 1)
+        if share > best_share:
+            best, best_share = family, share
+    return best
+
+
+def _other_family(sd: dict[str, torch.Tensor], spec: ModelSpec) -> str:
+    found = family_of(list(sd))
+    return f" (it looks like a {found} checkpoint)" if found is not None and found != spec.family else ""
+
+
+def import_weights(obj: dict[str, Any], model: nn.Module, spec: ModelSpec) -> KeyReport:
+    """Load what fits `model` from any accepted checkpoint; raise on a backbone shape mismatch.
+
+    The spec says where the head is: in a self-supervised checkpoint the tensors there are the
+    projector, in a supervised one the classifier, kept only if it has this task's class count.
+    """
     sd, fmt = _state_dict_of(obj)
     target = model.state_dict()
     sd, prefix = _strip_prefix(sd, set(target))
     report = KeyReport(fmt + (f", prefix '{prefix}'" if prefix else ""))
     ssl = bool(prefix) and prefix != "module."
+    head, arch = spec.head + ".", spec.name
     to_load: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if any(word in key.lower() for word in _AUX_WORDS):
             report.drop(key, "SSL head / quantizer state")
+        elif ssl and key.startswith(head):
+            report.drop(key, f"projector (encoder.{spec.head})")
         elif key not in target:
-            report.drop(key, "projector (encoder.fc)" if ssl and key.startswith("fc.") else "not in model")
-        elif key.startswith("fc.") and (ssl or value.shape != target[key].shape):
-            report.drop(key, "classifier of another task" if not ssl else "projector (encoder.fc)")
+            report.drop(key, "not in model")
+        elif key.startswith(head) and value.shape != target[key].shape:
+            report.drop(key, "classifier of another task")
         elif value.shape != target[key].shape:
-            stem_hint = " (or --stem: a 3x3 conv1 is the CIFAR stem, 7x7 the ImageNet stem)" if key == "conv1.weight" else ""
+            stem_hint = (
+                " (or --stem: a 3x3 conv1 is the CIFAR stem, 7x7 the ImageNet stem)"
+                if spec.family == "resnet" and key == "conv1.weight"
+                else ""
+            )
             raise UserError(
-                f"checkpoint tensor {key} has shape {list(value.shape)} but {arch} expects {list(target[key].shape)}",
+                f"checkpoint tensor {key} has shape {list(value.shape)} but {arch} expects {list(target[key].shape)}{_other_family(sd, spec)}",
                 f"pass the --arch the checkpoint was trained with{stem_hint}",
             )
         else:
             to_load[key] = value
-    backbone = [k for k in target if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    backbone = [k for k in target if not k.startswith(head) and not k.endswith("num_batches_tracked")]
     if not any(k in to_load for k in backbone):
         raise UserError(
-            f"the checkpoint holds no weights for {arch} (0 of {len(backbone)} backbone tensors matched; "
-            f"first keys: {', '.join(list(sd)[:3])})",
-            "pass a checkpoint of this architecture (see `ssql-deploy models`)",
+            f"the checkpoint holds no weights for {arch}, a {spec.family} (0 of {len(backbone)} backbone tensors matched; "
+            f"first keys: {', '.join(list(sd)[:3])}){_other_family(sd, spec)}",
+            "pass a checkpoint of this architecture, or the --arch it was trained with (see `ssql-deploy models`)",
         )
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)

@@ -1,59 +1,92 @@
-"""A timm-style registry: backbones are created by name, so recipes and checkpoints can name them.
+"""A timm-style registry: a builder per name returns any `nn.Module`, with what the rest of the chain must know.
 
-Width-reduced variants (`_half`, `_quarter`) and the `test_resnet` toy keep tests and CPU
-benchmarks fast while exercising exactly the same code paths as the full-size networks.
+The chain never looks inside a network for "fc" or "layer4": fine-tuning, pretraining and
+checkpoint import ask the spec where the classification head is (`head`, replaced for a linear
+probe or by Identity for self-supervised pretraining), which Linear depends on the class count
+(`classifier`), how wide the features entering the head are, and which modules form the stem
+(kept at 8 bits by the default quantization config). Small inputs (<= 64 px) get each family's
+small-input variant, as the ResNet CIFAR stem: the same parameters, so checkpoints move freely
+between the two, with the first strides reduced.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
 
 from ssql_deploy.errors import UserError
-from ssql_deploy.models.resnet import BasicBlock, Bottleneck, ResNet, Stem
 
-CIFAR_STEM_MAX_INPUT = 64  # inputs up to this size get the 3x3 stride-1 stem without max-pool
+Stem = Literal["cifar", "imagenet"]  # "cifar": the small-input variant of any family
+SMALL_INPUT_MAX = 64  # inputs up to this size get the small-input variant
+Builder = Callable[[int, bool], nn.Module]  # (num_classes, small_input) -> model
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    block: type[BasicBlock] | type[Bottleneck]
-    layers: tuple[int, int, int, int]
-    base_width: int
+    family: str
+    build: Builder
+    head: str  # the submodule mapping pooled features to logits
+    classifier: str  # the Linear whose output is the class count
+    stem: tuple[str, ...]  # module-name patterns of the stem (default override: 8 bits)
     description: str
+
+    def num_features(self, model: nn.Module) -> int:
+        """Width of the pooled features entering the head (its first Linear's input)."""
+        head = model.get_submodule(self.head)
+        first = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+        return int(first.in_features)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(spec: ModelSpec) -> ModelSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"model {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+def register_model(
+    name: str, family: str, head: str, classifier: str, stem: tuple[str, ...], description: str
+) -> Callable[[Builder], Builder]:
+    def register(build: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, family, build, head, classifier, stem, description)
+        return build
 
-
-for _name, _block, _layers, _what in (
-    ("resnet18", BasicBlock, (2, 2, 2, 2), "ResNet-18"),
-    ("resnet34", BasicBlock, (3, 4, 6, 3), "ResNet-34"),
-    ("resnet50", Bottleneck, (3, 4, 6, 3), "ResNet-50"),
-):
-    register_model(ModelSpec(_name, _block, _layers, 64, f"{_what}, torchvision layout"))
-    register_model(ModelSpec(f"{_name}_half", _block, _layers, 32, f"{_what} at half width (32 base channels)"))
-    register_model(ModelSpec(f"{_name}_quarter", _block, _layers, 16, f"{_what} at quarter width (16 base channels)"))
-register_model(ModelSpec("test_resnet", BasicBlock, (1, 1, 1, 1), 8, "4-block toy ResNet for tests (8 base channels)"))
+    return register
 
 
 def list_models() -> list[ModelSpec]:
-    return sorted(_REGISTRY.values(), key=lambda s: s.name)
+    return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
+
+
+def families() -> list[str]:
+    return sorted({s.family for s in _REGISTRY.values()})
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown architecture {name!r}",
+                        f"families: {', '.join(families())}; models: {', '.join(sorted(_REGISTRY))} (see `ssql-deploy models`)")  # fmt: skip
+    return _REGISTRY[name]
 
 
 def pick_stem(input_size: int) -> Stem:
-    return "cifar" if input_size <= CIFAR_STEM_MAX_INPUT else "imagenet"
+    return "cifar" if input_size <= SMALL_INPUT_MAX else "imagenet"
 
 
-def create_model(name: str, num_classes: int, stem: Stem = "imagenet", zero_init_residual: bool = True) -> ResNet:
-    if name not in _REGISTRY:
-        raise UserError(f"unknown architecture {name!r}", f"choose one of: {', '.join(sorted(_REGISTRY))}")
+def create_model(name: str, num_classes: int, stem: Stem = "imagenet") -> nn.Module:
+    spec = model_spec(name)
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
-    spec = _REGISTRY[name]
-    return ResNet(spec.block, list(spec.layers), num_classes, spec.base_width, stem, zero_init_residual)
+    return spec.build(num_classes, stem == "cifar")
+
+
+def replace_head(model: nn.Module, spec: ModelSpec, head: nn.Module) -> None:
+    """Put `head` where the spec's head is (a new Linear for a linear probe, Identity for a feature extractor)."""
+    parent, _, leaf = spec.head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, head)
+
+
+def feature_extractor(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """The same module (in place) returning pooled features instead of logits: what pretraining trains."""
+    replace_head(model, spec, nn.Identity())
+    return model

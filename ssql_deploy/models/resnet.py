@@ -5,12 +5,10 @@ our CPU tests need a 3x3 stride-1 stem without max-pool and narrower layers, whi
 must stay interchangeable with torchvision (same keys, same shapes at full width).
 """
 
-from typing import Literal
-
 import torch
 from torch import nn
 
-Stem = Literal["cifar", "imagenet"]
+from ssql_deploy.models.registry import Stem, register_model
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -126,3 +124,22 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
+
+
+def _register(name: str, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int, what: str) -> None:
+    def build(num_classes: int, small_input: bool) -> nn.Module:
+        return ResNet(block, layers, num_classes, width, "cifar" if small_input else "imagenet")
+
+    register_model(name, "resnet", "fc", "fc", ("conv1", "relu"),
+                   f"{what}; small inputs: 3x3 stride-1 stem, no max-pool")(build)  # fmt: skip
+
+
+for _name, _block, _layers, _what in (
+    ("resnet18", BasicBlock, [2, 2, 2, 2], "ResNet-18"),
+    ("resnet34", BasicBlock, [3, 4, 6, 3], "ResNet-34"),
+    ("resnet50", Bottleneck, [3, 4, 6, 3], "ResNet-50"),
+):
+    _register(_name, _block, _layers, 64, f"{_what}, torchvision layout")
+    _register(f"{_name}_half", _block, _layers, 32, f"{_what} at half width (32 base channels)")
+    _register(f"{_name}_quarter", _block, _layers, 16, f"{_what} at quarter width (16 base channels)")
+_register("test_resnet", BasicBlock, [1, 1, 1, 1], 8, "tiny 4-block ResNet for tests (8 base channels)")

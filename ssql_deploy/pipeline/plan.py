@@ -10,6 +10,7 @@ from pathlib import Path
 from ssql_deploy.bench.gate import GateSpec, parse_gates
 from ssql_deploy.bench.schema import row_names
 from ssql_deploy.errors import UserError
+from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.recipe import BenchRecipe, ExportRecipe, FinetuneRecipe, PipelineRecipe, PretrainRecipe, QuantizeRecipe, validate
 
 PRETRAIN_BACKBONE = Path("pretrain/backbone.pt")  # what the fine-tuning of a pipeline with a pretrain stage starts from
@@ -36,10 +37,11 @@ def plan_pipeline(recipe: PipelineRecipe, source: str) -> PipelinePlan:
     finetune = validate(FinetuneRecipe, recipe.finetune | start | {"out": out}, f"{source} [finetune]")
     q, e, b = recipe.quantize, recipe.export, recipe.bench
     workers = {"workers": finetune.workers}
-    quantize = [validate(QuantizeRecipe, {"source": out, "bits": bits, "calib": q.calib, "percentile": q.percentile,
+    quantize = [validate(QuantizeRecipe, {"source": out, "bits": bits, "layer_bits": q.layer_bits, "calib": q.calib, "percentile": q.percentile,
                                           "calib_size": q.calib_size, **workers}, f"{source} [quantize]") for bits in q.bits]  # fmt: skip
-    exports = [validate(ExportRecipe, {"source": out, "bits": qr.bits, "engine": engine, "ort_kernel": e.ort_kernel}, f"{source} [export]")
-               for qr in quantize for engine in e.engines]  # fmt: skip
+    labels = [QuantConfig.from_bits(qr.bits, qr.layer_bits).label for qr in quantize]
+    exports = [validate(ExportRecipe, {"source": out, "bits": label, "engine": engine, "ort_kernel": e.ort_kernel}, f"{source} [export]")
+               for label in labels for engine in e.engines]  # fmt: skip
     bench = validate(BenchRecipe, {"artifacts": [out], "batch_sizes": b.batch_sizes, "runs": b.runs, "rounds": b.rounds,
                                    "warmup": b.warmup, "threads": b.threads, "subset": b.subset, "out": out / "bench", **workers},
                      f"{source} [bench]")  # fmt: skip
@@ -50,7 +52,7 @@ def plan_pipeline(recipe: PipelineRecipe, source: str) -> PipelinePlan:
             gates = parse_gates(g.min_top1, g.max_drop, g.max_latency_ms, g.min_speedup)
         except UserError as exc:
             raise UserError(f"{source} [gate]: {exc.problem}", exc.fix) from None
-        _check_gate_targets(gates, [qr.bits for qr in quantize], list(e.engines), source)
+        _check_gate_targets(gates, labels, list(e.engines), source)
     return PipelinePlan(out, pretrain, finetune, quantize, exports, bench, gates, recipe.gate.strict if recipe.gate else False)
 
 

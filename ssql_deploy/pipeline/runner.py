@@ -77,10 +77,10 @@ def run_pipeline(plan: PipelinePlan, force: bool = False) -> tuple[dict[str, Any
     start = {"ckpt": resolve_checkpoint(finetune.ckpt, CHECKPOINT_CANDIDATES)} if finetune.ckpt is not None else {}
     _train_once(plan.out / "finetune", finetune, start, lambda resume: run_finetune(finetune, resume=resume), force)
     for q in plan.quantize:
-        _stage(f"quantize {q.bits}")
-        run_quantize(q)
-        for export in (x for x in plan.exports if x.bits == q.bits):
-            _stage(f"export {q.bits} for {export.engine}")
+        _stage(f"quantize {q.bits}" + (f" with {len(q.layer_bits)} layer overrides" if q.layer_bits else ""))
+        label = run_quantize(q)["bits"]
+        for export in (x for x in plan.exports if x.bits == label):
+            _stage(f"export {label} for {export.engine}")
             run_export(export)
     _stage("bench")
     bench = run_bench(plan.bench)

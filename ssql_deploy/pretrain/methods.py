@@ -1,6 +1,6 @@
 """The seven pretraining methods as modules with one interface: `forward(x1, x2) -> (loss, stats)`.
 
-Each holds `backbone` (the torchvision-compatible ResNet with `fc = Identity`, what pretraining
+Each holds `backbone` (the registry's network with its head replaced by Identity, what pretraining
 exports), `projector`, and whatever the method needs besides (predictor, EMA target, key queue,
 quantized branch). `after_step()` runs after the optimizer step (EMA updates). `stats` values are
 tensors or ints, never synced to the host here, so the training loop decides when to read them.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssql_deploy.models import ResNet
+from ssql_deploy.models import feature_extractor, model_spec
 from ssql_deploy.pretrain.collectives import (
     gather_with_grad,
     rank,
@@ -42,6 +42,7 @@ class SSQLSettings:
     seed: int = 0
     aux_loss: bool = True  # the 1/2 float term (paper Table 8 (h) vs (i))
     quantize_target: bool = False  # ablation: targets from the quantized branch too (SimSiam only)
+    arch: str | None = None  # the registry's name of the backbone: its stem stays at 8 bits
 
 
 class SSLMethod(nn.Module):
@@ -79,7 +80,7 @@ class _Quantizing:
 
     def _init_ssql(self, backbone: nn.Module, head: nn.Sequential, settings: SSQLSettings) -> None:
         device = next(backbone.parameters()).device
-        self.branch = QuantizedBranch(backbone, head, device)
+        self.branch = QuantizedBranch(backbone, head, device, model_spec(settings.arch) if settings.arch else None)
         self.sampler = BitSampler(settings.ranges, settings.seed)
         self.ssql = settings
 
@@ -258,19 +259,23 @@ class SimCLR(SSLMethod):
 
 def ssql_settings(recipe: PretrainRecipe) -> SSQLSettings:
     ranges = BitRanges(parse_bit_range(recipe.w_bits, "weight"), parse_bit_range(recipe.a_bits, "activation"))
-    return SSQLSettings(ranges, recipe.seed, recipe.aux_loss, recipe.quantize_target)
+    return SSQLSettings(ranges, recipe.seed, recipe.aux_loss, recipe.quantize_target, recipe.arch)
 
 
-def build_method(recipe: PretrainRecipe, backbone: ResNet, device: torch.device, sync_bn: bool = False) -> SSLMethod:
-    """The recipe's method around `backbone` (its fc is replaced by Identity), on `device`.
+def build_method(recipe: PretrainRecipe, backbone: nn.Module, device: torch.device, sync_bn: bool = False) -> SSLMethod:
+    """The recipe's method around `backbone` (its head is replaced by Identity), on `device`.
 
     SyncBatchNorm conversion happens here, before the quantized twin and the EMA target are made,
     because both hold references to (or copies of) the BatchNorm modules.
     """
     info = method_info(recipe.method)
     assert recipe.proj_hidden_dim is not None and recipe.proj_dim is not None
-    backbone.fc = nn.Identity()  # type: ignore[assignment]
-    modules: list[nn.Module] = [backbone, projector(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim, info.proj_layers)]
+    spec = model_spec(recipe.arch)
+    width = spec.num_features(backbone)
+    modules: list[nn.Module] = [
+        feature_extractor(backbone, spec),
+        projector(width, recipe.proj_hidden_dim, recipe.proj_dim, info.proj_layers),
+    ]
     if info.pred_hidden_dim is not None:
         assert recipe.pred_hidden_dim is not None
         modules.append(predictor(recipe.proj_dim, recipe.pred_hidden_dim))

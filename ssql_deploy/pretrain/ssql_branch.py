@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ssql_deploy.models.registry import ModelSpec
 from ssql_deploy.pretrain.heads import quantized_projector
 from ssql_deploy.quant.bits import BitSpec
-from ssql_deploy.quant.placement import STEM_BITS, act_quantizers, prepare, weight_quantizers
+from ssql_deploy.quant.config import STEM_BITS
+from ssql_deploy.quant.placement import act_quantizers, prepare, weight_quantizers
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, fake_quant
 
 # Any width but STEM_BITS: after `prepare`, the quantizers still at this width are the ones the
@@ -131,8 +133,8 @@ class QuantizedBranch:
     state dicts and DDP's bucket list, and its own buffers (activation ranges) are per-step scratch.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Sequential, device: torch.device) -> None:
-        self.backbone: fx.GraphModule = prepare(backbone, "ssql", _PLACEHOLDER).to(device)
+    def __init__(self, backbone: nn.Module, projector: nn.Sequential, device: torch.device, spec: ModelSpec | None = None) -> None:
+        self.backbone: fx.GraphModule = prepare(backbone, "ssql", _PLACEHOLDER, spec).to(device)
         _merge_relus(self.backbone)
         self.float_projector = projector
         self.quant_projector = quantized_projector(projector)

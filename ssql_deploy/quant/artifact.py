@@ -1,4 +1,5 @@
-"""Quantized models on disk: one file holds the float weights, the bit spec and every quantizer's state.
+"""Quantized models on disk: one file holds the float weights, the quantization config, its resolved per-layer
+table and every quantizer's state.
 
 A model quantized for simulation (the `ssql` layout) can be rebuilt in any other layout: the
 quantizers both layouts share keep their calibrated ranges or learned step sizes, and only the
@@ -13,39 +14,39 @@ import torch
 from torch import fx, nn
 
 from ssql_deploy.errors import UserError
-from ssql_deploy.models import ResNet, create_model
 from ssql_deploy.models.checkpoint import load_checkpoint, save_atomic
-from ssql_deploy.models.trained import ModelMeta, model_payload
-from ssql_deploy.quant.bits import BitSpec
-from ssql_deploy.quant.placement import Layout, act_quantizers, prepare, quantizer_name, weight_quantizers
+from ssql_deploy.models.registry import model_spec
+from ssql_deploy.models.trained import ModelMeta, build_model, model_payload
+from ssql_deploy.quant.config import QuantConfig
+from ssql_deploy.quant.placement import Layout, act_quantizers, layer_table, prepare, quantizer_name, weight_quantizers
 
 QUANT_FILE = "quantized.pt"
 
 
-def variant(bits: BitSpec | str, lsq: bool) -> str:
-    """How a quantized model is named in directories and reports: `w4a4`, or `w4a4-lsq` after QAT."""
-    return f"{bits}-lsq" if lsq else str(bits)
+def variant(label: str, lsq: bool) -> str:
+    """How a quantized model is named in directories and reports: its config's label (`w4a4`, `w4a4-1a2b3c`),
+    with `-lsq` after quantization-aware training."""
+    return f"{label}-lsq" if lsq else label
 
 
-def quant_dir(run_dir: Path, bits: BitSpec, lsq: bool = False) -> Path:
-    return run_dir / "quant" / variant(bits, lsq)
+def quant_dir(run_dir: Path, label: str, lsq: bool = False) -> Path:
+    return run_dir / "quant" / variant(label, lsq)
 
 
-def find_quantized(run_dir: Path, bits: BitSpec | None, lsq: bool = False) -> Path:
-    """The quantized model of a run directory, picked by bits (and --lsq) when it holds several."""
+def find_quantized(run_dir: Path, label: str | None, lsq: bool = False) -> Path:
+    """The quantized model of a run directory, picked by its label (and --lsq) when it holds several."""
     if run_dir.is_file():
         return run_dir
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist", "pass the --out of an earlier `ssql-deploy quantize`")
-    if bits is not None:
-        path = quant_dir(run_dir, bits, lsq) / QUANT_FILE
-        if not path.is_file():
-            how = f"--bits {bits}" + (" --lsq --epochs N" if lsq else "")
-            raise UserError(
-                f"{run_dir} has no {variant(bits, lsq)} model ({path} is missing)", f"run `ssql-deploy quantize {run_dir} {how}` first"
-            )
-        return path
     found = sorted((run_dir / "quant").glob(f"*/{QUANT_FILE}"))
+    if label is not None:
+        path = quant_dir(run_dir, label, lsq) / QUANT_FILE
+        if not path.is_file():
+            how = f"--bits {label}" + (" --lsq --epochs N" if lsq else "")
+            have = f" (it has {', '.join(p.parent.name for p in found)})" if found else ""
+            raise UserError(f"{run_dir} has no {variant(label, lsq)} model{have}", f"run `ssql-deploy quantize {run_dir} {how}` first")
+        return path
     if not found:
         raise UserError(f"{run_dir} holds no quantized model", f"run `ssql-deploy quantize {run_dir} --bits w8a8` first")
     if len(found) > 1:
@@ -55,19 +56,31 @@ def find_quantized(run_dir: Path, bits: BitSpec | None, lsq: bool = False) -> Pa
 
 
 def quantized_payload(kind: str, gm: fx.GraphModule, meta: ModelMeta, **info: Any) -> dict[str, Any]:
+    """The model, its config and the resolved per-layer table it produced (reloaded and checked by load_quantized)."""
     points = {name: {"bits": q.bits, "signed": q.signed} for name, q in act_quantizers(gm).items()}
     lsq = any(q.step is not None for q in act_quantizers(gm).values())
-    return model_payload(kind, gm, meta, bits=gm.quant_bits, layout=gm.quant_layout, points=points, lsq=lsq, **info)
+    config: QuantConfig = gm.quant_config  # type: ignore[assignment]
+    return model_payload(kind, gm, meta, bits=str(config.default), label=config.label, config=config.model_dump(mode="json"),
+                         table=layer_table(gm), layout=gm.quant_layout, points=points, lsq=lsq, **info)  # fmt: skip
 
 
 def save_quantized(path: Path, gm: fx.GraphModule, meta: ModelMeta, info: dict[str, Any]) -> None:
     save_atomic(quantized_payload("quantized", gm, meta, **info), path)
 
 
+def _widths(table: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    return (tuple((r["layer"], r["w"]) for r in table["weights"]), tuple((r["point"], r["a"]) for r in table["activations"]))
+
+
+def saved_config(obj: dict[str, Any]) -> QuantConfig:
+    """The config of a saved quantized model; files from before configs existed carry only their bit spec."""
+    return QuantConfig.model_validate(obj["config"]) if "config" in obj else QuantConfig.from_bits(obj["bits"])
+
+
 @dataclass
 class LoadedQuantized:
     gm: fx.GraphModule  # the fake-quant model
-    float_model: ResNet  # the float network it wraps (parameters shared, plain convs)
+    float_model: nn.Module  # the float network it wraps (parameters shared, plain convs)
     meta: ModelMeta
     saved: dict[str, Any]  # the checkpoint as stored
     uncalibrated: set[str]  # points the saved layout did not have: they still need a range
@@ -79,10 +92,13 @@ def load_quantized(path: Path, layout: Layout | None = None) -> LoadedQuantized:
     if obj.get("kind") not in ("quantized", "model", "trainer-state") or "points" not in obj:
         raise UserError(f"{path} is not a quantized model (kind {obj.get('kind')!r})", "pass the output of `ssql-deploy quantize`")
     meta = ModelMeta.from_checkpoint(obj)
-    model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
+    model = build_model(meta)
     wanted = set(model.state_dict())
     model.load_state_dict({k: v for k, v in obj["model"].items() if k in wanted})
-    gm = prepare(model, layout or obj["layout"], BitSpec.parse(obj["bits"]))
+    gm = prepare(model, layout or obj["layout"], saved_config(obj), model_spec(meta.arch))
+    if (layout is None or layout == obj["layout"]) and "table" in obj:
+        if _widths(layer_table(gm)) != _widths(obj["table"]):
+            raise UserError(f"{path} resolves to other per-layer widths with this version of ssql-deploy", "quantize the model again")
     missing = restore_quant_state(gm, obj["model"], obj["points"])
     return LoadedQuantized(gm, model.eval(), meta, obj, missing)
 
@@ -134,4 +150,4 @@ def twin_payload(saved: dict[str, Any], gm: fx.GraphModule) -> dict[str, Any]:
             points[point] = {"bits": q.bits, "signed": q.signed}
             state[f"{quantizer_name(point)}.lo"] = q.lo.detach().clone()
             state[f"{quantizer_name(point)}.hi"] = q.hi.detach().clone()
-    return saved | {"kind": "quantized", "layout": gm.quant_layout, "points": points, "model": state}
+    return saved | {"kind": "quantized", "layout": gm.quant_layout, "points": points, "model": state, "table": layer_table(gm)}

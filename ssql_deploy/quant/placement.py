@@ -1,15 +1,22 @@
-"""Where quantizers go: one rule set per target, applied to an FX trace of the float model.
+"""Where quantizers go: rules by operator, one rule set per target layout, applied to an FX trace of any CNN.
 
-- `ssql`: the SSQL reference (SSQL.md): every conv's weights at w bits (the stem conv at 8),
-  activations after every ReLU (the stem's at 8 bits, the others at a bits), input not quantized.
-- `ort`: BatchNorm folded, `ssql` plus 8-bit unsigned quantizers on the network input and on both
-  inputs of every residual Add that are not quantized yet, so that every Conv sits between
-  DequantizeLinear and QuantizeLinear and ONNX Runtime fuses it into QLinearConv (and the Add into
-  QLinearAdd); conv biases rounded to QLinearConv's int32 grid.
+Operator rules (every layout): every conv's weights (per output channel, so depthwise and grouped
+convs too) at the config's weight bits; an activation quantizer after every ReLU, ReLU6, Hardswish,
+Hardsigmoid, SiLU and Sigmoid (unsigned after the non-negative ones, with a zero-point or signed
+after the others), and on every conv input not quantized yet (a linear bottleneck, a residual sum,
+a squeeze-excite product or pooled vector); pooling, dropout and flatten pass values through on
+their grid. Nothing in the model's classification head is quantized.
+
+Layout rules (LAYOUTS):
+- `ssql`: the SSQL reference; the network input stays float. What `quantize` simulates.
+- `ort`: BatchNorm folded, 8-bit quantizers on the network input and both inputs of every
+  residual Add, and on a conv output that feeds an activation ONNX Runtime cannot fuse into the
+  conv (Hardswish, SiLU, sigmoids): every conv then sits between DequantizeLinear and
+  QuantizeLinear and runs as QLinearConv; conv biases on QLinearConv's int32 grid.
 - `trt`: TensorRT's explicit-quantization rules (DEPLOY.md): symmetric signed int8, the network
-  input and every conv input quantized, a Q/DQ pair on the skip input of each Add only. Post-ReLU
-  activations below 8 bits keep their exact unsigned grid inside int8; at 8 bits they are
-  re-expressed as signed int8 (127 positive levels) because TensorRT has no uint8.
+  input and every conv input quantized, a Q/DQ pair on the skip input of each Add only.
+  Non-negative activations below 8 bits keep their exact unsigned grid inside int8; at 8 bits they
+  are re-expressed as signed int8 (127 positive levels) because TensorRT has no uint8.
 """
 
 import operator
@@ -17,108 +24,214 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torchvision.ops import StochasticDepth
 
+from ssql_deploy.errors import UserError
+from ssql_deploy.models.registry import ModelSpec
 from ssql_deploy.quant.bits import BitSpec
+from ssql_deploy.quant.config import QuantConfig, Resolved, resolve
 from ssql_deploy.quant.fold import fold_batchnorm
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, WeightQuantizer
 
 Layout = Literal["ssql", "ort", "trt"]
-STEM_BITS = 8
-PointKind = Literal["relu", "input", "branch", "skip"]
-_ADD_OPS = (operator.add, operator.iadd, torch.add)
-_PASS_THROUGH = (nn.Identity, nn.MaxPool2d)  # on-grid in, on-grid out
+PointKind = Literal["activation", "conv_input", "input", "branch", "skip", "preactivation"]
+RUNTIME_BITS = 8  # quantizers a runtime needs beyond the SSQL placement are 8-bit
+
+
+@dataclass(frozen=True)
+class LayoutRules:
+    fold_bn: bool
+    quantize_input: bool
+    signed: bool  # symmetric signed int8 everywhere (TensorRT)
+    add_inputs: Literal["none", "both", "skip"]
+    preactivation: bool  # quantize a conv output feeding an activation the runtime cannot fuse
+
+
+LAYOUTS: dict[Layout, LayoutRules] = {
+    "ssql": LayoutRules(fold_bn=False, quantize_input=False, signed=False, add_inputs="none", preactivation=False),
+    "ort": LayoutRules(fold_bn=True, quantize_input=True, signed=False, add_inputs="both", preactivation=True),
+    "trt": LayoutRules(fold_bn=False, quantize_input=True, signed=True, add_inputs="skip", preactivation=False),
+}
+
+
+@dataclass(frozen=True)
+class ActivationRule:
+    nonnegative: bool
+    fused_by_ort: bool  # ORT folds it into the QLinearConv before it (Relu; Clip within the quantizer's range)
+
+
+ACTIVATIONS: dict[type[nn.Module], ActivationRule] = {
+    nn.ReLU: ActivationRule(True, True), nn.ReLU6: ActivationRule(True, True),
+    nn.Hardsigmoid: ActivationRule(True, False), nn.Sigmoid: ActivationRule(True, False),
+    nn.Hardswish: ActivationRule(False, False), nn.SiLU: ActivationRule(False, False),
+}  # fmt: skip
+PASS_THROUGH = (nn.Identity, nn.MaxPool2d, nn.Dropout, StochasticDepth, nn.Flatten)  # on-grid in, on-grid out
+ADD_OPS = (operator.add, operator.iadd, torch.add)
+MUL_OPS = (operator.mul, operator.imul, torch.mul)
+SUPPORTED_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.Linear, *ACTIVATIONS, *PASS_THROUGH)
+SUPPORTED_FUNCTIONS = (*ADD_OPS, *MUL_OPS, torch.flatten, F.adaptive_avg_pool2d, torch.cat)
+SUPPORTED_METHODS = ("flatten",)
 
 
 @dataclass(frozen=True)
 class ActPoint:
-    """An activation quantizer after graph node `node`."""
+    """An activation quantizer after graph node `node`; `layer` is what config patterns match (module path or node)."""
 
     node: str
+    layer: str
     bits: int
     signed: bool
+    nonnegative: bool  # the values are >= 0 (after ReLU, ReLU6, sigmoids), whatever grid holds them
     kind: PointKind
+
+
+class _Tracer(fx.Tracer):
+    """Stochastic depth stays one node: traced through, its training-mode branch would be frozen into the graph."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, StochasticDepth) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(model, _Tracer().trace(model))
 
 
 def quantizer_name(point: str) -> str:
     return f"aq_{point}"
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    return fx.symbolic_trace(model)
-
-
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
-def _is(gm: fx.GraphModule, node: fx.Node, kinds: type | tuple[type, ...]) -> bool:
-    return isinstance(_module(gm, node), kinds)
+def _is(gm: fx.GraphModule, node: object, kinds: type | tuple[type, ...]) -> bool:
+    return isinstance(node, fx.Node) and isinstance(_module(gm, node), kinds)
 
 
-def _stem_conv(gm: fx.GraphModule) -> fx.Node:
+def _layer(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _check_supported(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
-        if _is(gm, node, nn.Conv2d):
-            return node
-    raise ValueError("the model has no convolution to quantize")
+        known = {"call_module": lambda n: isinstance(_module(gm, n), SUPPORTED_MODULES),
+                 "call_function": lambda n: n.target in SUPPORTED_FUNCTIONS,
+                 "call_method": lambda n: n.target in SUPPORTED_METHODS}.get(node.op)  # fmt: skip
+        if known is not None and not known(node):
+            what = type(_module(gm, node)).__name__ if node.op == "call_module" else str(getattr(node.target, "__name__", node.target))
+            raise UserError(
+                f"the quantizer placement does not know operator {what} (node {node.name}, {node.op} {node.target})",
+                "supported: Conv2d (grouped and depthwise too), BatchNorm2d, ReLU, ReLU6, Hardswish, Hardsigmoid, SiLU, Sigmoid, "
+                "add, mul, cat, pooling, dropout, flatten, Linear in the head",
+            )
 
 
-def _stem_relu(gm: fx.GraphModule) -> fx.Node | None:
-    for node in gm.graph.nodes:
-        if _is(gm, node, nn.ReLU):
-            return node
-    return None
+def _generic_spec(gm: fx.GraphModule) -> tuple[tuple[str, ...], str]:
+    """Stem and head of a model the registry does not describe: its first conv and activation, its last Linear."""
+    modules = [(str(n.target), _module(gm, n)) for n in gm.graph.nodes if n.op == "call_module"]
+    stem = [next(p for p, m in modules if isinstance(m, nn.Conv2d))]
+    stem += [p for p, m in modules if isinstance(m, tuple(ACTIVATIONS))][:1]
+    linears = [p for p, m in modules if isinstance(m, nn.Linear)]
+    return tuple(stem), linears[-1] if linears else "\0"
 
 
-def plan_points(gm: fx.GraphModule, layout: Layout, bits: BitSpec) -> list[ActPoint]:
-    stem_relu = _stem_relu(gm)
+def _source(gm: fx.GraphModule, node: object) -> object:
+    while _is(gm, node, PASS_THROUGH) or (isinstance(node, fx.Node) and (node.target is torch.flatten or node.target == "flatten")):
+        node = node.args[0]  # type: ignore[union-attr]
+    return node
+
+
+def _from_conv(gm: fx.GraphModule, node: object) -> fx.Node | None:
+    """The conv whose output (through its BatchNorm) `node` is, if any."""
+    node = _source(gm, node)
+    if _is(gm, node, nn.BatchNorm2d):
+        node = node.args[0]  # type: ignore[union-attr]
+    return node if _is(gm, node, nn.Conv2d) else None  # type: ignore[return-value]
+
+
+def plan_points(gm: fx.GraphModule, layout: Layout, widths: Resolved, head: str) -> list[ActPoint]:
+    rules = LAYOUTS[layout]
+    in_head = lambda n: n.op == "call_module" and (str(n.target) == head or str(n.target).startswith(head + "."))  # noqa: E731
     points: dict[str, ActPoint] = {}
-    for node in gm.graph.nodes:
-        if _is(gm, node, nn.ReLU):
-            a = STEM_BITS if node is stem_relu else bits.a
-            points[node.name] = ActPoint(node.name, a, layout == "trt" and a == 8, "relu")
-    if layout == "ssql":
-        return list(points.values())
-    signed = layout == "trt"
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    extra = [ActPoint(placeholder.name, 8, signed, "input")]
 
-    def quantized(node: fx.Node) -> bool:
-        while _is(gm, node, _PASS_THROUGH):
-            node = node.args[0]  # type: ignore[assignment]
-        return node.name in points or node is placeholder
+    def add_point(node: fx.Node, kind: PointKind, bits: int | None, nonnegative: bool) -> None:
+        if bits is None or node.name in points:
+            return
+        signed = rules.signed and (not nonnegative or bits == 8)  # TensorRT: an unsigned grid below 8 bits fits int8 exactly
+        points[node.name] = ActPoint(node.name, _layer(node), bits, signed, nonnegative, kind)
 
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _ADD_OPS:
-            branch, skip = node.args[0], node.args[1]
-            if layout == "ort" and isinstance(branch, fx.Node) and not quantized(branch):
-                extra.append(ActPoint(branch.name, 8, False, "branch"))
+    def quantized(node: object) -> bool:
+        node = _source(gm, node)
+        return isinstance(node, fx.Node) and (node.name in points or (node is placeholder and rules.quantize_input))
+
+    nodes = [n for n in gm.graph.nodes if not in_head(n)]
+    for node in nodes:
+        module = _module(gm, node)
+        if module is not None and type(module) in ACTIVATIONS:
+            add_point(node, "activation", widths.act_bits(_layer(node)), ACTIVATIONS[type(module)].nonnegative)
+    if rules.quantize_input:
+        add_point(placeholder, "input", RUNTIME_BITS, False)
+    for node in nodes:
+        module = _module(gm, node)
+        if isinstance(module, nn.Conv2d) and widths.weight_bits(str(node.target)) is not None and not quantized(node.args[0]):
+            producer = _source(gm, node.args[0])
+            if isinstance(producer, fx.Node) and producer is not placeholder:
+                nonneg = _is(gm, producer, tuple(t for t, r in ACTIVATIONS.items() if r.nonnegative))
+                add_point(producer, "conv_input", widths.act_bits(_layer(producer)), nonneg)
+        if rules.preactivation and module is not None and type(module) in ACTIVATIONS and not ACTIVATIONS[type(module)].fused_by_ort:
+            if _from_conv(gm, node.args[0]) is not None:  # Q right after the conv, so it runs as QLinearConv
+                add_point(_source(gm, node.args[0]), "preactivation", RUNTIME_BITS, False)  # type: ignore[arg-type]
+        if node.op == "call_function" and node.target in ADD_OPS and rules.add_inputs != "none":
+            branch, skip = _branch_and_skip(gm, node)
+            if rules.add_inputs == "both" and isinstance(branch, fx.Node) and not quantized(branch):
+                add_point(_source(gm, branch), "branch", RUNTIME_BITS, False)  # type: ignore[arg-type]
             if isinstance(skip, fx.Node) and not quantized(skip):
-                extra.append(ActPoint(skip.name, 8, signed, "skip"))
-    return extra + list(points.values())
+                add_point(_source(gm, skip), "skip", RUNTIME_BITS, False)  # type: ignore[arg-type]
+    return list(points.values())
 
 
-def prepare(model: nn.Module, layout: Layout, bits: BitSpec) -> fx.GraphModule:
-    """Trace `model` and return a fake-quant twin, quantizers disabled.
+def _branch_and_skip(gm: fx.GraphModule, add: fx.Node) -> tuple[object, object]:
+    """The residual Add's conv branch and its skip: the conv computed last is the branch (the shortcut's projection,
+    if any, and the block input come first), whichever side of the `+` it is written on."""
+    a, b = add.args[0], add.args[1]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ca, cb = _from_conv(gm, a), _from_conv(gm, b)
+    if ca is not None and (cb is None or order[ca] > order[cb]):
+        return a, b
+    return b, a
+
+
+def prepare(model: nn.Module, layout: Layout, config: QuantConfig | BitSpec, spec: ModelSpec | None = None) -> fx.GraphModule:
+    """Trace `model` and return a fake-quant twin, activation quantizers disabled (they need a range first).
 
     The twin shares `model`'s parameters, except in the `ort` layout, whose convs are new folded
-    ones (an inference-only layout). Activation quantizers start disabled (they need a range
-    first); weight quantizers are live.
+    ones (an inference-only layout). `spec` (the registry's description) names the stem and the head;
+    without it the first conv and activation are the stem and the last Linear the head.
     """
+    config = config if isinstance(config, QuantConfig) else QuantConfig.from_bits(config)
     gm = trace(model)
-    gm.fold_gains = fold_batchnorm(gm) if layout == "ort" else {}  # type: ignore[assignment]
-    stem = _stem_conv(gm)
+    _check_supported(gm)
+    stem, head = (spec.stem, spec.head) if spec is not None else _generic_spec(gm)
+    names = [name for name, _ in model.named_modules() if name] + [n.name for n in gm.graph.nodes if n.op == "call_function"]
+    widths = resolve(config, stem, names)
+    gm.fold_gains = fold_batchnorm(gm) if LAYOUTS[layout].fold_bn else {}  # type: ignore[assignment]
+    weights: dict[str, int | None] = {}
     for node in gm.graph.nodes:
         module = _module(gm, node)
         if isinstance(module, nn.Conv2d) and not isinstance(module, QuantConv2d):
-            w_bits = STEM_BITS if node is stem else bits.w
-            _set_submodule(gm, str(node.target), QuantConv2d.from_float(module, w_bits))
+            path = str(node.target)
+            weights[path] = bits = None if path == head or path.startswith(head + ".") else widths.weight_bits(path)
+            if bits is not None:
+                _set_submodule(gm, path, QuantConv2d.from_float(module, bits))
     by_name = {n.name: n for n in gm.graph.nodes}
-    points = plan_points(gm, layout, bits)
+    points = plan_points(gm, layout, widths, head)
     for point in points:
         node = by_name[point.node]
         name = quantizer_name(point.node)
-        gm.add_submodule(name, ActQuantizer(point.bits, point.signed, nonnegative=point.kind == "relu"))
+        gm.add_submodule(name, ActQuantizer(point.bits, point.signed, nonnegative=point.nonnegative and not point.signed))
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
@@ -127,8 +240,10 @@ def prepare(model: nn.Module, layout: Layout, bits: BitSpec) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     gm.quant_layout = layout  # type: ignore[assignment]
-    gm.quant_bits = str(bits)  # type: ignore[assignment]
+    gm.quant_config = config  # type: ignore[assignment]
+    gm.quant_label = config.label  # type: ignore[assignment]
     gm.quant_points = {p.node: p for p in points}  # type: ignore[assignment]
+    gm.quant_weights = weights  # type: ignore[assignment]
     return gm
 
 
@@ -137,10 +252,7 @@ def _link_bias_quantization(gm: fx.GraphModule) -> None:
         conv = _module(gm, node)
         if not isinstance(conv, QuantConv2d):
             continue
-        source = node.args[0]
-        while isinstance(source, fx.Node) and _is(gm, source, _PASS_THROUGH):
-            source = source.args[0]
-        quantizer = _module(gm, source) if isinstance(source, fx.Node) else None
+        quantizer = _module(gm, _source(gm, node.args[0])) if isinstance(_source(gm, node.args[0]), fx.Node) else None  # type: ignore[arg-type]
         if isinstance(quantizer, ActQuantizer):
             conv.quantize_bias_with(quantizer)
 
@@ -158,3 +270,18 @@ def act_quantizers(gm: nn.Module) -> dict[str, ActQuantizer]:
 def weight_quantizers(gm: nn.Module) -> dict[str, WeightQuantizer]:
     """Weight quantizers by the path of the layer that owns them."""
     return {name.removesuffix(".weight_quantizer"): m for name, m in gm.named_modules() if isinstance(m, WeightQuantizer)}
+
+
+def layer_table(gm: fx.GraphModule) -> dict[str, list[dict[str, object]]]:
+    """The resolved per-layer table: every conv with its weight bits and scheme, every activation point with its
+    bits, grid and (once calibrated) range. What the artifact stores and the CLI prints."""
+    acts = act_quantizers(gm)
+    weights = [{"layer": layer, "w": bits, "scheme": "per output channel, symmetric" if bits else "float",
+                "groups": int(gm.get_submodule(layer).groups)} for layer, bits in gm.quant_weights.items()]  # type: ignore[attr-defined]  # fmt: skip
+    points = []
+    for p in gm.quant_points.values():  # type: ignore[attr-defined]
+        q = acts[p.node]
+        grid = "signed symmetric" if p.signed else ("unsigned from 0" if p.nonnegative else "unsigned with zero-point")
+        points.append({"point": p.node, "after": p.layer, "a": p.bits, "kind": p.kind, "grid": grid,
+                       "range": [round(float(q.lo), 6), round(float(q.hi), 6)]})  # fmt: skip
+    return {"weights": weights, "activations": points}
