@@ -13,6 +13,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
 
 from ssql_deploy.errors import UserError
+from ssql_deploy.runtimes import ENGINES, Engine
 
 R = TypeVar("R", bound="Recipe")
 
@@ -103,7 +104,6 @@ Mode = Literal["linear", "full"]
 Stem = Literal["auto", "cifar", "imagenet"]
 Schedule = Literal["step", "cosine"]
 Calibrator = Literal["minmax", "percentile", "mse", "entropy"]
-Engine = Literal["ort", "trt"]
 OrtKernel = Literal["auto", "gemm", "symmetric"]
 LsqInit = Literal["calibrated", "lsq"]
 
@@ -180,7 +180,7 @@ class QuantizeRecipe(DataRecipe):
     arch: str | None = None  # only for plain state dicts, which do not name their architecture
     data: str | None = None  # default: the dataset the model was fine-tuned on
     bits: str = "w8a8"
-    layer_bits: list[str] = []  # PATTERN=SPEC overrides of the default widths, in order (quant/config.py)
+    layer_bits: list[str] | dict[str, Any] = []  # overrides of the default widths, in order: PATTERN=SPEC or {PATTERN: SPEC}
     calib: Calibrator = "percentile"
     percentile: float = Field(default=99.99, gt=50, le=100)
     calib_size: int = Field(default=512, ge=1)
@@ -199,7 +199,10 @@ class QuantizeRecipe(DataRecipe):
 
     @model_validator(mode="after")
     def _normalise_bits(self) -> "QuantizeRecipe":
+        from ssql_deploy.quant.config import QuantConfig
+
         self.bits = _bit_spec(self.bits)
+        self.layer_bits = QuantConfig.from_bits(self.bits, self.layer_bits).override_specs()
         if self.lsq and (self.epochs is None or self.epochs < 1):
             raise UserError(
                 f"LSQ needs --epochs of at least 1 (got {self.epochs})", "pass --epochs N, or drop --lsq for post-training quantization"
@@ -222,6 +225,20 @@ class ExportRecipe(Recipe):
     threads: int | None = Field(default=None, ge=1)
     out: Directory | None = None  # default: the source run directory
 
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_options(cls, data: Any) -> Any:
+        """An option of another engine (--ort-kernel with --engine trt) is a mistake, not something to ignore."""
+        engine = ENGINES.get(data.get("engine", "ort")) if isinstance(data, dict) else None
+        for other in (e for e in ENGINES.values() if engine is not None and e.name != engine.name):
+            given = sorted(set(other.options) & set(data) - set(engine.options))  # type: ignore[union-attr]
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise UserError(
+                    f"{flag} applies only to --engine {other.name}, not {engine.name}", f"drop {flag} or pass --engine {other.name}"
+                )  # type: ignore[union-attr]
+        return data
+
     @model_validator(mode="after")
     def _normalise(self) -> "ExportRecipe":
         if self.bits is not None:
@@ -242,28 +259,6 @@ class BenchRecipe(DataRecipe):
     out: Directory = Path("runs/bench")
 
 
-class PipelineQuantize(Recipe):
-    bits: list[str] = Field(default=["w8a8"], min_length=1)
-    layer_bits: list[str] = []  # applied to every bit spec
-    calib: Calibrator = "percentile"
-    percentile: float = Field(default=99.99, gt=50, le=100)
-    calib_size: int = Field(default=512, ge=1)
-
-
-class PipelineExport(Recipe):
-    engines: list[Engine] = Field(default=["ort"], min_length=1)
-    ort_kernel: OrtKernel = "auto"
-
-
-class PipelineBench(Recipe):
-    batch_sizes: list[PositiveInt] = Field(default=[1, 32], min_length=1)
-    runs: int = Field(default=50, ge=50)
-    rounds: int = Field(default=5, ge=2)
-    warmup: int = Field(default=10, ge=1)
-    threads: int | None = Field(default=None, ge=1)
-    subset: int | None = Field(default=None, ge=1)
-
-
 class PipelineGate(Recipe):
     min_top1: list[str] = []
     max_drop: list[str] = []
@@ -277,11 +272,13 @@ class PipelineRecipe(Recipe):
 
     kind: Literal["pipeline"] = "pipeline"
     out: Directory
-    pretrain: dict[str, Any] | None = None  # a pretrain recipe without `out`; finetune then starts from it
-    finetune: dict[str, Any]  # a finetune recipe without `out`
-    quantize: PipelineQuantize = PipelineQuantize()
-    export: PipelineExport = PipelineExport()
-    bench: PipelineBench = PipelineBench()
+    # Each stage section is that stage's own recipe without what the pipeline sets (out, source, artifacts), checked
+    # whole by pipeline/plan.py before the first stage runs; so every stage setting (LSQ included) works in a pipeline.
+    pretrain: dict[str, Any] | None = None  # finetune then starts from its backbone
+    finetune: dict[str, Any]
+    quantize: dict[str, Any] | list[dict[str, Any]] = {"bits": ["w8a8"]}  # one section or several; `bits` may be a list
+    export: dict[str, Any] = {"engines": ["ort"]}  # `engines` lists the targets; an engine's own options go to it only
+    bench: dict[str, Any] = {}
     gate: PipelineGate | None = None
 
 

@@ -1,7 +1,7 @@
 """Files of a run: atomic writes, content hashes, and what produced them (versions, git commit).
 
-A run directory holds one sub-directory per stage (`pretrain/`, `finetune/`, `quant/w4a4/`,
-`export/w8a8-ort/`, ...), each committed by a manifest (manifest.py) once its files are complete.
+A run directory holds one sub-directory per stage (run_layout.py), each committed by a manifest
+(manifest.py) once its files are complete.
 """
 
 import hashlib
@@ -90,18 +90,3 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
-
-
-def resolve_checkpoint(path: Path, candidates: tuple[str, ...]) -> Path:
-    """A checkpoint file as given, or the first of `candidates` inside a run directory."""
-    if not path.exists():
-        raise UserError(f"{path} does not exist", "pass a checkpoint file or a run directory")
-    if path.is_file():
-        return path
-    for rel in candidates:
-        if (path / rel).is_file():
-            return path / rel
-    raise UserError(
-        f"run directory {path} holds none of {', '.join(candidates)}",
-        "run the earlier stage first or pass the checkpoint file itself",
-    )

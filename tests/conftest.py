@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from ssql_deploy.data.fashion_mnist import DEBIAN_ROOT
+from ssql_deploy.data.fashion_mnist import DEBIAN_ROOT, FashionMNIST
 
 CliRun = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -47,6 +48,15 @@ def kill_9_once_written(args: list[str], checkpoint: Path, timeout: float = 120)
     assert checkpoint.exists(), f"no {checkpoint.name} within {timeout:.0f} s"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture(scope="session")
+def fmnist_batch(fmnist_root: Path) -> torch.Tensor:
+    """64 real Fashion-MNIST test images at 32 px, normalised as training does: what calibration and parity checks get."""
+    from ssql_deploy.data import DataSource
+
+    split = DataSource.of("fashion-mnist", fmnist_root, 32).split("test")
+    return torch.stack([split[i][0] for i in range(64)])
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +106,15 @@ def without_zero_init(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.ones_(m.weight)
     return model
+
+
+def write_image_tree(root: Path, fmnist_root: Path, classes: int, per_class: int) -> None:
+    """An ImageFolder tree (train/ and val/, a folder per class) of real Fashion-MNIST test images as PNG files."""
+    images = FashionMNIST(fmnist_root, "test")
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            picks = [i for i in range(len(images)) if int(images.targets[i]) == c][:per_class]
+            for i in picks:
+                Image.fromarray(images.images[i, 0].numpy()).save(folder / f"{i}.png")

@@ -94,7 +94,7 @@ def test_cli_quantize_export_bench_gate(tiny_run: Path, tmp_path: Path, cli: Cli
     assert e.returncode == 0, e.stderr
     assert "trtexec --onnx=" in e.stdout and "TensorRT engine not built here" in e.stdout
     export = json.loads((run / "export/w8a8-trt/manifest.json").read_text())
-    assert export["metrics"]["status"] == "ok" and export["metrics"]["trt_rule_violations"] == []
+    assert export["metrics"]["status"] == "ok" and export["metrics"]["check"]["trt_rule_violations"] == []
     assert any("re-expressed as signed int8" in n for n in export["metrics"]["notes"])
     assert export["metrics"]["parity"]["top1_agreement"] >= 99
 

@@ -9,7 +9,7 @@ import torch
 from conftest import without_zero_init
 from torch import nn
 
-from ssql_deploy.models import create_model
+from ssql_deploy.models import create_model, list_models
 from ssql_deploy.pretrain import losses
 from ssql_deploy.pretrain.config import METHODS
 from ssql_deploy.pretrain.methods import SSQL, SSLMethod, build_method
@@ -28,13 +28,13 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _method(name: str, backbone: nn.Module | None = None, **overrides: object) -> SSLMethod:
+def _method(name: str, backbone: nn.Module | None = None, arch: str = "test_resnet", **overrides: object) -> SSLMethod:
     info = METHODS[name]
     extra: dict[str, object] = {"pred_hidden_dim": 16} if info.pred_hidden_dim else {}
     extra |= {"queue_size": 16} if info.family == "moco" else {}
-    recipe = PretrainRecipe(method=name, arch="test_resnet", batch_size=4, proj_dim=16, proj_hidden_dim=32, **extra | overrides)
+    recipe = PretrainRecipe(method=name, arch=arch, batch_size=4, proj_dim=16, proj_hidden_dim=32, **extra | overrides)
     torch.manual_seed(0)
-    return build_method(recipe, backbone or create_model("test_resnet", 1, "cifar"), torch.device("cpu"))
+    return build_method(recipe, backbone or create_model(arch, 1, "cifar"), torch.device("cpu"))
 
 
 # --- losses on hand-computed values ------------------------------------------------------------
@@ -201,6 +201,24 @@ def test_bits_are_drawn_every_step_and_reach_the_quantizers() -> None:
     assert len(set(seen)) > 3, seen
     fixed = _method("ssql", fixed_bits="w4a4")
     assert {fixed(x1, x2)[1]["w_bits"] for _ in range(4)} == {4}
+
+
+@pytest.mark.parametrize("arch", sorted(s.name for s in list_models() if s.name.startswith("test_")))
+def test_every_method_pretrains_every_family(arch: str, fmnist_batch: torch.Tensor) -> None:
+    """One step of each method on each family's tiny model: a finite loss, gradients in every conv of the backbone, and
+    for the SSQL variants the drawn widths on every quantized layer but the stem."""
+    x1, x2 = fmnist_batch[:4], fmnist_batch[4:8].flip(-1)
+    for name, info in METHODS.items():
+        method = _method(name, arch=arch, **({"fixed_bits": "w3a5"} if info.ssql else {}))
+        method.train()
+        loss, _ = method(x1, x2)
+        loss.backward()
+        assert torch.isfinite(loss), (arch, name)
+        convs = [(n, m) for n, m in method.backbone.named_modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(m.weight.grad is not None for _, m in convs), (arch, name)
+        if info.ssql:
+            acts, weights = method.branch.quantizers()  # type: ignore[attr-defined]
+            assert {w.bits for w in weights} == {3, STEM_BITS} and {a.bits for a in acts} == {5, STEM_BITS}, (arch, name)
 
 
 def test_gradients_reach_the_shared_convs_through_the_quantized_branch_alone() -> None:

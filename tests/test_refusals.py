@@ -12,10 +12,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import CliRun
-from PIL import Image
-
-from ssql_deploy.data.fashion_mnist import FashionMNIST
+from conftest import CliRun, write_image_tree
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -59,8 +56,12 @@ def _gate_report_without(field: str, deployed: Path, tmp: Path, cli: CliRun) -> 
 
 FT = ["finetune", "--arch", "test_resnet", "--subset", "128", "--epochs", "1", "--batch-size", "32", "--workers", "0"]
 CASES = [  # (id, argv with {placeholders}, what the error line must name)
-    ("trt-batches", ["export", "{run}", "--bits", "4", "--trt-batches", "a,b"], ["--trt-batches", "'a,b'"]),
-    ("trt-batches-order", ["export", "{run}", "--bits", "4", "--trt-batches", "8,1,32"], ["--trt-batches", "8,1,32"]),
+    ("trt-batches", ["export", "{run}", "--bits", "4", "--engine", "trt", "--trt-batches", "a,b"], ["--trt-batches", "'a,b'"]),
+    ("trt-batches-order", ["export", "{run}", "--bits", "4", "--engine", "trt", "--trt-batches", "8,1,32"], ["--trt-batches", "8,1,32"]),
+    ("other-engines-option", ["export", "{run}", "--bits", "4", "--engine", "trt", "--ort-kernel", "gemm"], ["--ort-kernel", "--engine ort"]),
+    ("layer-bits-no-match", ["quantize", "{run}", "--bits", "w4a4", "--layer-bits", "featurez.*=w8"], ["featurez.*", "matches no module"]),
+    ("layer-bits-malformed", ["quantize", "{run}", "--bits", "w4a4", "--layer-bits", "layer1.*"], ["--layer-bits", "PATTERN=SPEC"]),
+    ("layer-bits-range", ["quantize", "{run}", "--bits", "w4a4", "--layer-bits", "layer1.*=w1"], ["weight bits 1", "2..8"]),
     ("calib-dir-file", ["quantize", "{run}", "--calib-dir", "{file}"], ["--calib-dir", "{file}"]),
     ("pretrain-out-file", ["pretrain", "--arch", "test_resnet", "--out", "{file}"], ["--out", "{file}"]),
     ("finetune-out-file", [*FT, "--out", "{file}"], ["--out", "{file}"]),
@@ -119,20 +120,9 @@ def test_gate_names_the_field_a_report_lacks(deployed: Path, tmp_path: Path, cli
         assert f"rows[0].{field}: field required" in result.stderr.lower(), result.stderr
 
 
-def _image_tree(root: Path, fmnist_root: Path, classes: int, per_class: int) -> None:
-    images = FashionMNIST(fmnist_root, "test")
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            picks = [i for i in range(len(images)) if int(images.targets[i]) == c][:per_class]
-            for i in picks:
-                Image.fromarray(images.images[i, 0].numpy()).save(folder / f"{i}.png")
-
-
 def test_image_folder_refusals_name_the_file_and_the_class(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:
     bad = tmp_path / "bad"
-    _image_tree(bad, fmnist_root, 2, 20)
+    write_image_tree(bad, fmnist_root, 2, 20)
     (bad / "train/class1/notreally.jpg").write_text("this is text, not a JPEG\n")
     args = ["--arch", "test_resnet", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--data", "imagefolder"]
     result = cli("finetune", *args, "--data-root", bad, "--out", tmp_path / "o")
@@ -140,7 +130,7 @@ def test_image_folder_refusals_name_the_file_and_the_class(tmp_path: Path, fmnis
     assert "notreally.jpg" in result.stderr and "refused before training" in result.stderr
     assert not (tmp_path / "o/finetune/last.pt").exists()
     one = tmp_path / "one"
-    _image_tree(one, fmnist_root, 1, 20)
+    write_image_tree(one, fmnist_root, 1, 20)
     result = cli("finetune", *args, "--data-root", one, "--out", tmp_path / "o")
     assert result.returncode == 2 and "1 class folder (class0)" in result.stderr and "at least 2" in result.stderr
 
@@ -148,7 +138,7 @@ def test_image_folder_refusals_name_the_file_and_the_class(tmp_path: Path, fmnis
 def test_a_run_remembers_its_data(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:
     """Fine-tuned on an image folder, quantized and benched with no data flags: the run's manifest supplies them."""
     tree = tmp_path / "tree"
-    _image_tree(tree, fmnist_root, 3, 24)
+    write_image_tree(tree, fmnist_root, 3, 24)
     run = tmp_path / "run"
     ft = cli("finetune", "--arch", "test_resnet", "--epochs", "1", "--batch-size", "12", "--workers", "0", "--data", "imagefolder",
              "--data-root", tree, "--input-size", "32", "--out", run)  # fmt: skip

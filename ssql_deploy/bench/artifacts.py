@@ -12,23 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+from pydantic import ValidationError
 
 from ssql_deploy.errors import UserError
-from ssql_deploy.export.stage import FP32_FILE, META_KEY, PLAN_FILE, QDQ_FILE, TWIN_FILE
+from ssql_deploy.export.stage import META_KEY, ExportMetrics
 from ssql_deploy.manifest import read_manifest, unverified_reason
 from ssql_deploy.models.checkpoint import load_checkpoint
 from ssql_deploy.models.trained import ModelMeta
-from ssql_deploy.quant.artifact import QUANT_FILE, variant
+from ssql_deploy.run_layout import FP32_FILE, TWIN_FILE, ExportKey, RunLayout, variant
+from ssql_deploy.runtimes import ENGINES, QDQ_FILE, RUNTIMES, RuntimeName
 
 
 @dataclass
 class Artifact:
     name: str
-    runtime: str  # torch | onnxruntime | tensorrt
+    runtime: RuntimeName
     bits: str  # fp32 | fp16 | the quantized model's label (wXaY, wXaY-<hash>, with -lsq after QAT)
-    kind: str  # torch-float | torch-fakequant | onnx | plan
+    kind: str  # torch-float | torch-fakequant | onnx | engine (a file an engine built from a QDQ ONNX)
     path: Path | None
     meta: ModelMeta | None = None
+    engine: str | None = None  # the export target whose graph this is (runtimes.ENGINES)
     status: str = "ok"
     reference: str | None = None  # the row whose predictions this artifact should reproduce (FP32 rows)
     twin: Path | None = None  # the PyTorch model of this artifact's own layout (quantized exports)
@@ -78,6 +81,23 @@ def _trust(artifact: Artifact) -> Artifact:
     return artifact
 
 
+def _engine_file(path: Path) -> Artifact:
+    """A file an engine built from a QDQ ONNX (a TensorRT plan): described by the ONNX beside it."""
+    engine = next(e for e in ENGINES.values() if e.builds_from_onnx and path.name == e.file)
+    onnx_file = path.with_name(QDQ_FILE if path.with_name(QDQ_FILE).is_file() else FP32_FILE)
+    props = onnx_props(onnx_file) if onnx_file.is_file() else {}
+    sidecar = path.with_name(path.name + ".json")
+    notes = [f"flags {json.loads(sidecar.read_text()).get('flags', [])}"] if sidecar.is_file() else []
+    meta, bits = _meta_from(props, path), props.get("bits", "unknown")
+    if bits == "fp32":  # the FP16 engine of the FP32 ONNX: the baseline of this runtime
+        base = RUNTIMES[engine.runtime].baseline
+        return _trust(Artifact(base, engine.runtime, "fp16", "engine", path, meta, reference="torch-fp32", notes=notes))
+    label = props.get("variant", bits)
+    twin = path.with_name(TWIN_FILE) if path.with_name(TWIN_FILE).is_file() else None
+    return _trust(Artifact(engine.row(label), engine.runtime, label, "engine", path, meta, engine=engine.name, twin=twin,
+                           simulation=f"torch-{label}", notes=notes))  # fmt: skip
+
+
 def from_file(path: Path) -> Artifact:
     suffix = path.suffix.lower()
     twin = path.with_name(TWIN_FILE) if path.with_name(TWIN_FILE).is_file() else None
@@ -86,60 +106,53 @@ def from_file(path: Path) -> Artifact:
         bits, engine = props.get("bits", "fp32"), props.get("engine", "ort")
         label = props.get("variant", bits)
         if bits == "fp32":
-            return _trust(Artifact("onnx-fp32", "onnxruntime", bits, "onnx", path, _meta_from(props, path), reference="torch-fp32"))
-        return _trust(Artifact(f"qdq-{engine}-{label}", "onnxruntime", bits, "onnx", path, _meta_from(props, path),
-                               twin=twin, simulation=f"torch-{label}"))  # fmt: skip
-    if suffix == ".plan":
-        onnx_file = path.with_name(QDQ_FILE if path.with_name(QDQ_FILE).is_file() else FP32_FILE)
-        props = onnx_props(onnx_file) if onnx_file.is_file() else {}
-        sidecar = path.with_name(path.name + ".json")
-        flags = json.loads(sidecar.read_text()).get("flags", []) if sidecar.is_file() else []
-        bits = props.get("bits", "unknown")
-        label = props.get("variant", bits)
-        meta = _meta_from(props, path)
-        if bits == "fp32":
-            return _trust(Artifact("trt-fp16", "tensorrt", "fp16", "plan", path, meta, reference="torch-fp32", notes=[f"flags {flags}"]))
-        return _trust(Artifact(f"trt-{label}", "tensorrt", bits, "plan", path, meta, twin=twin, simulation=f"torch-{label}",
-                               notes=[f"flags {flags}"]))  # fmt: skip
+            return _trust(Artifact(RUNTIMES["onnxruntime"].baseline, "onnxruntime", bits, "onnx", path, _meta_from(props, path),
+                                   reference="torch-fp32"))  # fmt: skip
+        return _trust(Artifact(ENGINES[engine].onnx_row(label), "onnxruntime", label, "onnx", path, _meta_from(props, path),  # type: ignore[index]
+                               engine=engine, twin=twin, simulation=f"torch-{label}"))  # fmt: skip
+    if any(e.builds_from_onnx and path.name == e.file for e in ENGINES.values()):
+        return _engine_file(path)
     obj = load_checkpoint(path)
     if obj.get("format") != "ssql-deploy" or "arch" not in obj:
-        raise UserError(f"{path} is not a model written by ssql-deploy", "bench run directories, .onnx, .plan or ssql-deploy .pt files")
+        raise UserError(
+            f"{path} is not a model written by ssql-deploy", "bench run directories, .onnx, engine plans or ssql-deploy .pt files"
+        )
     meta = ModelMeta.from_checkpoint(obj)
     if obj.get("kind") == "quantized":
         label = variant(obj.get("label", obj["bits"]), obj["lsq"])
         return _trust(Artifact(f"torch-{label}", "torch", label, "torch-fakequant", path, meta))
-    return _trust(Artifact("torch-fp32", "torch", "fp32", "torch-float", path, meta))
+    return _trust(Artifact(RUNTIMES["torch"].baseline, "torch", "fp32", "torch-float", path, meta))
 
 
-def _export_rows(export_dir: Path) -> list[Artifact]:
+def _export_rows(key: ExportKey, export_dir: Path) -> list[Artifact]:
+    """The QDQ ONNX of an export and, for an engine that builds from it, the engine file: each with its status."""
+    engine = ENGINES[key.engine]
     try:
         manifest = read_manifest(export_dir)
-    except UserError:
-        manifest = None
-    metrics = manifest.metrics if manifest is not None else {}
-    status = str(metrics.get("status", "ok"))
-    label, engine = export_dir.name.rsplit("-", 1)
-    label, engine = str(metrics.get("variant", label)), str(metrics.get("engine", engine))
-    bits = str(metrics.get("bits", label.split("-")[0]))
+        metrics = ExportMetrics.of(manifest) if manifest is not None else None
+    except (UserError, ValidationError):
+        metrics = None
+    status = metrics.status if metrics is not None else "ok"  # no manifest: the file's own check marks it unverified
     rows = []
     onnx_path = export_dir / QDQ_FILE
     if onnx_path.is_file():
         row = from_file(onnx_path)
         if status != "ok":
             row.status = "check failed: " + status.removeprefix("failed: ")
-        row.notes += metrics.get("notes", [])
+        row.notes += metrics.notes if metrics is not None else []
         rows.append(row)
     else:
-        rows.append(Artifact(f"qdq-{engine}-{label}", "onnxruntime", bits, "onnx", None, status="export failed: no ONNX written"))
-    if engine == "trt":
-        plan = export_dir / PLAN_FILE
-        if plan.is_file():
-            rows.append(from_file(plan))
+        rows.append(Artifact(engine.onnx_row(key.variant), "onnxruntime", key.variant, "onnx", None, engine=engine.name,
+                             status="export failed: no ONNX written"))  # fmt: skip
+    if engine.builds_from_onnx:
+        built = export_dir / engine.file
+        if built.is_file():
+            rows.append(from_file(built))
         else:
-            built = metrics.get("tensorrt", {})
-            reason = built.get("reason", "engine not built") if status == "ok" else "export failed"
-            rows.append(Artifact(f"trt-{label}", "tensorrt", bits, "plan", None, status=f"skipped: {reason}",
-                                 notes=[f"build with: {built['build_with']}"] if "build_with" in built else []))  # fmt: skip
+            build = metrics.engine_build if metrics is not None else None
+            reason = (build.reason if build is not None else "engine not built") if status == "ok" else "export failed"
+            rows.append(Artifact(engine.row(key.variant), engine.runtime, key.variant, "engine", None, engine=engine.name, status=f"skipped: {reason}",
+                                 notes=[f"build with: {build.build_with}"] if build is not None else []))  # fmt: skip
     return rows
 
 
@@ -147,17 +160,19 @@ def discover(paths: list[Path]) -> list[Artifact]:
     rows: list[Artifact] = []
     for path in paths:
         if not path.exists():
-            raise UserError(f"{path} does not exist", "pass run directories, .onnx, .plan or .pt files")
+            raise UserError(f"{path} does not exist", "pass run directories, .onnx, engine plans or .pt files")
         if path.is_file():
             rows.append(from_file(path))
             continue
         found = len(rows)
-        for candidate in (path / "finetune/best.pt", path / "export/fp32" / FP32_FILE, path / "export/fp32" / PLAN_FILE):
+        run = RunLayout(path)
+        fp32_engines = [run.fp32 / e.file for e in ENGINES.values() if e.builds_from_onnx]
+        for candidate in (run.best, run.fp32 / FP32_FILE, *fp32_engines):
             if candidate.is_file():
                 rows.append(from_file(candidate))
-        rows += [from_file(p) for p in sorted((path / "quant").glob(f"*/{QUANT_FILE}"))]
-        for export_dir in sorted(p for p in (path / "export").glob("*-*") if p.is_dir()):
-            rows += _export_rows(export_dir)
+        rows += [from_file(p) for p in run.quantized_models()]
+        for key, export_dir in run.exports():
+            rows += _export_rows(key, export_dir)
         if len(rows) == found:
             raise UserError(f"{path} holds no artifacts", "pass the --out of `ssql-deploy finetune/quantize/export`")
     names = [r.name for r in rows]

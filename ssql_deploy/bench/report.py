@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ssql_deploy.bench.schema import Report, Row
 from ssql_deploy.run import write_text_atomic
+from ssql_deploy.runtimes import ENGINES, RUNTIMES
 
 _STATUS_STYLE = {"ok": "green", "skipped": "yellow", "unverified": "red", "check failed": "red", "export failed": "red"}
 METHOD_NOTES = (
@@ -87,24 +88,23 @@ def markdown(report: Report) -> str:
 
 
 def _series(row: Row) -> tuple[str, ...]:
-    """Accuracy-plot lines a row belongs to; the FP32 ONNX row starts both ONNX Runtime lines."""
-    if row.runtime == "torch":
-        return ("PyTorch simulation",)
-    if row.runtime == "tensorrt":
-        return ("TensorRT",)
-    if row.bits == "fp32":
-        return ("ONNX Runtime", "ONNX Runtime, TensorRT layout")
-    return ("ONNX Runtime, TensorRT layout",) if row.name.startswith("qdq-trt") else ("ONNX Runtime",)
+    """Accuracy-plot lines a row belongs to: its runtime, and for ONNX Runtime the layout of the graph it runs.
+    The FP32 ONNX row starts every ONNX Runtime line."""
+    if row.runtime != "onnxruntime":
+        runtime = RUNTIMES.get(row.runtime)  # type: ignore[call-overload]
+        return (runtime.title if runtime is not None else row.runtime,)
+    line = lambda engine: "ONNX Runtime" if engine == "ort" else f"ONNX Runtime, {engine} layout"  # noqa: E731
+    return tuple(line(e) for e in ENGINES) if row.bits == "fp32" else (line(row.engine or "ort"),)
 
 
 def plot(report: Report, path: Path) -> None:
     rows = [r for r in report.rows if r.top1 is not None]
     fig, (acc_ax, lat_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     order = sorted({r.bits for r in rows}, key=bits_order, reverse=True)
-    for label, marker in (("PyTorch simulation", "o"), ("ONNX Runtime", "s"), ("ONNX Runtime, TensorRT layout", "D"), ("TensorRT", "^")):
+    lines = list(dict.fromkeys(line for r in rows if r.bits != "fp32" for line in _series(r)))
+    for label, marker in zip(lines, "osD^vP*X", strict=False):
         points = sorted((order.index(r.bits), r.top1) for r in rows if label in _series(r) and r.top1 is not None)
-        if points:
-            acc_ax.plot(*zip(*points, strict=True), marker=marker, label=label)
+        acc_ax.plot(*zip(*points, strict=True), marker=marker, label=label)
     acc_ax.set_xticks(range(len(order)), order)
     acc_ax.set_xlabel("bit-width")
     acc_ax.set_ylabel("top-1 % (full test split)")

@@ -20,6 +20,7 @@ from ssql_deploy.export.ort_session import make_session, providers
 from ssql_deploy.models.checkpoint import load_checkpoint
 from ssql_deploy.models.trained import ModelMeta, build_model
 from ssql_deploy.quant.artifact import load_quantized
+from ssql_deploy.runtimes import RUNTIMES, RuntimeName
 
 
 class Runner(Protocol):
@@ -87,12 +88,21 @@ def torch_model(path: Path, kind: str) -> torch.nn.Module:
     return model
 
 
+def _tensorrt(path: Path, _threads: int) -> Runner:
+    from ssql_deploy.export.tensorrt_engine import TensorRTRunner  # only on GPU machines
+
+    return TensorRTRunner(path)
+
+
+# One runner per row of runtimes.RUNTIMES: (artifact file, kind, threads) -> Runner.
+RUNNERS: dict[RuntimeName, Callable[[Path, str, int], Runner]] = {
+    "torch": lambda path, kind, _threads: TorchRunner(torch_model(path, kind)),
+    "onnxruntime": lambda path, _kind, threads: OrtRunner(path, threads),
+    "tensorrt": lambda path, _kind, threads: _tensorrt(path, threads),
+}
+assert set(RUNNERS) == set(RUNTIMES)
+
+
 def load_runner(artifact: Artifact, threads: int) -> Runner:
     assert artifact.path is not None
-    if artifact.kind in ("torch-float", "torch-fakequant"):
-        return TorchRunner(torch_model(artifact.path, artifact.kind))
-    if artifact.kind == "onnx":
-        return OrtRunner(artifact.path, threads)
-    from ssql_deploy.export.tensorrt_engine import TensorRTRunner
-
-    return TensorRTRunner(artifact.path)
+    return RUNNERS[artifact.runtime](artifact.path, artifact.kind, threads)

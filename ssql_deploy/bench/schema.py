@@ -11,18 +11,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ssql_deploy.errors import UserError
+from ssql_deploy.runtimes import RUNTIMES
 
 OK = "ok"
-BASELINES = {"torch": "torch-fp32", "onnxruntime": "onnx-fp32", "tensorrt": "trt-fp16"}
-
-
-def row_names(labels: list[str], engines: list[str]) -> set[str]:
-    """Every row a run with these quantized models and exports can have (what a pipeline's gates may name)."""
-    names = {"torch-fp32", "onnx-fp32", *(f"torch-{label}" for label in labels)}
-    names |= {f"qdq-{engine}-{label}" for label in labels for engine in engines}
-    if "trt" in engines:
-        names |= {"trt-fp16", *(f"trt-{label}" for label in labels)}
-    return names
 
 
 class Latency(BaseModel):
@@ -45,8 +36,9 @@ class Row(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    runtime: str  # torch | onnxruntime | tensorrt
-    bits: str  # fp32 | fp16 | wXaY
+    runtime: str  # a row of runtimes.RUNTIMES
+    bits: str  # fp32 | fp16 | the quantized model's name (its config label, -lsq after QAT)
+    engine: str | None = None  # the export target whose graph this is (runtimes.ENGINES)
     status: str  # ok | skipped: ... | unverified: ... | check failed: ... | export failed: ...
     top1: float | None
     n_images: int = 0
@@ -92,7 +84,8 @@ class Report(BaseModel):
 
 def baseline_name(row: Row) -> str | None:
     """The row a speed-up is measured against; None for a baseline itself."""
-    base = BASELINES.get(row.runtime)
+    runtime = RUNTIMES.get(row.runtime)  # type: ignore[call-overload]
+    base = runtime.baseline if runtime is not None else None
     return None if base == row.name else base
 
 

@@ -145,7 +145,7 @@ def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
     sources = _sources(measurable, recipe)
     threads = recipe.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    rows = {a.name: Row(name=a.name, runtime=a.runtime, bits=a.bits, status=a.status, top1=None, latency={},
+    rows = {a.name: Row(name=a.name, runtime=a.runtime, bits=a.bits, engine=a.engine, status=a.status, top1=None, latency={},
                         size_bytes=a.path.stat().st_size if a.path is not None and a.path.is_file() else None, notes=a.notes)
             for a in artifacts}  # fmt: skip
     runners: dict[str, Runner] = {}

@@ -1,7 +1,7 @@
 """`ssql-deploy quantize` and `ssql-deploy export`: from a trained model to a checked artifact."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -10,7 +10,9 @@ from ssql_deploy.cli.app import user_errors
 from ssql_deploy.cli.options import RecipeOpt, SubsetOpt, WorkersOpt, int_list, recipe_option, stage_data_option, stage_root_option
 from ssql_deploy.errors import UserError
 from ssql_deploy.progress import results
-from ssql_deploy.recipe import Calibrator, Engine, ExportRecipe, LsqInit, OrtKernel, QuantizeRecipe
+from ssql_deploy.quant.bits import BitSpec
+from ssql_deploy.recipe import Calibrator, ExportRecipe, LsqInit, OrtKernel, QuantizeRecipe
+from ssql_deploy.runtimes import ENGINES, RUNTIMES, Engine, engine_help
 
 Q, E = QuantizeRecipe, ExportRecipe
 SourceArg = Annotated[Path | None, typer.Argument(help="Run directory (or checkpoint file) to start from.", show_default=False)]
@@ -21,6 +23,9 @@ def quantize_cmd(
     source: SourceArg = None,
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="A checkpoint file instead of a run directory (needs --out).")] = None,
     bits: Annotated[str | None, recipe_option(Q, "bits", "Bit spec wXaY with X, Y in 2..8, or one width (8 = w8a8).")] = None,
+    layer_bits: Annotated[list[str] | None, typer.Option("--layer-bits", help="PATTERN=SPEC: override the widths of the modules whose "
+                          "name matches PATTERN (fnmatch; later overrides win), e.g. 'features.0.*=w8a8', 'classifier.*=float', "
+                          "'*.conv.1.*=w6'. Repeatable. [default: none; the stem stays at w8a8]")] = None,
     calib: Annotated[Calibrator | None, recipe_option(Q, "calib", "Activation range calibrator.")] = None,
     percentile: Annotated[float | None, recipe_option(Q, "percentile", "Percentile for --calib percentile.")] = None,
     calib_size: Annotated[int | None, recipe_option(Q, "calib_size", "Calibration images from the training split.")] = None,
@@ -51,7 +56,7 @@ def quantize_cmd(
     if source is not None and ckpt is not None:
         raise UserError("give a run directory or --ckpt, not both")
     settings = QuantizeRecipe.build(
-        recipe, source=source or ckpt, bits=bits, calib=calib, percentile=percentile, calib_size=calib_size,
+        recipe, source=source or ckpt, bits=bits, layer_bits=layer_bits, calib=calib, percentile=percentile, calib_size=calib_size,
         calib_dir=calib_dir, arch=arch, data=data, data_root=data_root, input_size=input_size, subset=subset, workers=workers,
         out=out, lsq=lsq, epochs=epochs, lr=lr, lsq_init=lsq_init, freeze_bn_after=freeze_bn_after,
         train_steps_only=train_steps_only, batch_size=batch_size, seed=seed,
@@ -67,6 +72,28 @@ def quantize_cmd(
     table.add_row(metrics["bits"], f"{metrics['fp32_top1']:.2f}%", *ptq, f"{metrics['simulated_top1']:.2f}%",
                   f"{metrics['drop_points']:.2f}", str(metrics["n_test_images"]), metrics["out_dir"])  # fmt: skip
     results.print(table)
+    results.print(layer_table(metrics["layers"], metrics["bits"], BitSpec.parse(settings.bits)))
+
+
+def layer_table(layers: dict[str, list[dict[str, Any]]], label: str, default: BitSpec, limit: int = 40) -> Table:
+    """The resolved per-layer widths; for a large model the layers at the default widths are counted, not listed
+    (the manifest holds them all)."""
+    rows = []
+    for w in layers["weights"]:
+        what = "conv" if w["groups"] == 1 else f"conv, {w['groups']} groups"
+        rows.append((w["layer"], what, "float" if w["w"] is None else f"w{w['w']}", w["w"] == default.w, ""))
+    for a in layers["activations"]:
+        lo, hi = a["range"]
+        rows.append((a["after"], a["kind"], f"a{a['a']}", a["a"] == default.a, f"{a['grid']} [{lo:.3g}, {hi:.3g}]"))
+    shown = rows if len(rows) <= limit else [r for r in rows if not r[3]]
+    hidden = len(rows) - len(shown)
+    table = Table(title=f"per-layer widths of {label} ({len(layers['weights'])} convs, {len(layers['activations'])} activation quantizers)",
+                  caption=f"{hidden} more at the default {default}; the manifest lists every layer" if hidden else None)  # fmt: skip
+    for col in ("module", "what", "bits", "activation grid and range"):
+        table.add_column(col)
+    for module, what, bits, _, grid in shown:
+        table.add_row(module, what, bits, grid)
+    return table
 
 
 @user_errors("the export was not committed: a model left behind has no manifest, so bench marks it unverified; export again")
@@ -75,7 +102,7 @@ def export_cmd(
     bits: Annotated[str | None, recipe_option(E, "bits", "Which quantized model of the run (8 = w8a8).", default="the only one")] = None,
     lsq: Annotated[bool | None, recipe_option(E, "lsq", "Export the LSQ-trained model of those bits rather than the PTQ one.",
                                               "--lsq/--ptq", default="ptq")] = None,
-    engine: Annotated[Engine | None, recipe_option(E, "engine", "ort (ONNX Runtime integer kernels) or trt (TensorRT explicit quantization).")] = None,
+    engine: Annotated[Engine | None, recipe_option(E, "engine", engine_help())] = None,
     ort_kernel: Annotated[OrtKernel | None, recipe_option(E, "ort_kernel", "auto (by the CPU), gemm (QGEMM/AMX path) or symmetric (VNNI conv path).")] = None,
     trt_batches: Annotated[str | None, recipe_option(E, "trt_batches", "TensorRT profile batches MIN,OPT,MAX.")] = None,
     build_engine: Annotated[bool | None, recipe_option(E, "build_engine", "Build the TensorRT plans when TensorRT and a GPU are present.",
@@ -91,23 +118,24 @@ def export_cmd(
                                   data_root=data_root, threads=threads, out=out)  # fmt: skip
     from ssql_deploy.export.stage import run_export
 
-    metrics = run_export(settings)
-    parity = metrics["parity"]
-    table = Table(title=f"exported {metrics['variant']} for {metrics['engine']}")
+    metrics, onnx_path = run_export(settings)
+    parity = metrics.parity
+    table = Table(title=f"exported {metrics.variant} for {metrics.engine}")
     for col in ("file", "top-1 agreement", "values off by >= 1 step (worst layer)", "first differing layer", "max logit diff", "status"):
         table.add_column(col)
     first = parity["first_mismatch"]
     first = f"{first} ({100 * parity['per_layer'][first]['mismatch_fraction']:.4f}% of its values)" if first else "none"
-    table.add_row(metrics["onnx"], f"{parity['top1_agreement']:.1f}%", f"{100 * parity['max_mismatch_fraction']:.3f}%", first,
-                  f"{parity['max_abs_logit_diff']:.4f}", metrics["status"])  # fmt: skip
+    table.add_row(str(onnx_path), f"{parity['top1_agreement']:.1f}%", f"{100 * parity['max_mismatch_fraction']:.3f}%", first,
+                  f"{parity['max_abs_logit_diff']:.4f}", metrics.status)  # fmt: skip
     results.print(table)
-    if "ort_kernels" in metrics:
-        k = metrics["ort_kernels"]
+    if "integer_convs" in metrics.check:
+        k = metrics.check
         results.print(f"ONNX Runtime runs {k['integer_convs']} of {k['convs']} convolutions as integer kernels")
-    engine_info = metrics.get("tensorrt")
-    if engine_info and not engine_info["built"]:
-        results.print(
-            f"TensorRT engine not built here: {engine_info['reason']}\nbuild it on the GPU machine with:\n  {engine_info['build_with']}"
-        )
-    for note in metrics["notes"]:
+        for op, info in k["float_ops"].items():
+            results.print(f"  float in ONNX Runtime: {info['count']} {op}: {info['why']}", highlight=False)
+    build = metrics.engine_build
+    if build and not build.built:
+        runtime = RUNTIMES[ENGINES[metrics.engine].runtime].title
+        results.print(f"{runtime} engine not built here: {build.reason}\nbuild it on the GPU machine with:\n  {build.build_with}")
+    for note in metrics.notes:
         results.print(f"note: {note}")

@@ -6,19 +6,15 @@ and the TorchScript exporter is on its way out (DEPLOY.md). Emitting from the FX
 deterministic graph whose every Q/DQ pair maps to one named quantizer, which is what the parity
 check and the per-layer debugging need.
 
-Engine differences are small and explicit:
-- `ort`: BatchNorm folded into the convs, uint8 activations, int32 biases, low-bit activations as
-  Q -> Clip(integers) -> DQ, MaxPool run on the integers: the layout ORT fuses into integer kernels.
-  Weights may carry zero-point -1 (integers shifted by one, exact thanks to the narrow weight
-  range): ORT then runs QLinearConv through its QGEMM path, which uses AMX where the CPU has it,
-  instead of the VNNI-only symmetric-conv kernel that a zero-point of 0 selects.
-- `trt`: BatchNorm left for TensorRT to fuse, int8 only with zero-point 0, low-bit activations
-  as a float Clip before Q, float biases.
+How the graph is written for a layout (BatchNorm folded or not, int8 or uint8 containers, where a
+low-bit Clip goes, int32 biases, integer pooling) is read from its `LayoutRules` (quant/layouts.py).
+Weights may carry zero-point -1 where the layout allows it (integers shifted by one, exact thanks to
+the narrow weight range): ONNX Runtime then runs QLinearConv through its QGEMM path, which uses AMX
+where the CPU has it, instead of the VNNI symmetric-conv kernel that a zero-point of 0 selects.
 """
 
 import operator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import onnx
@@ -30,9 +26,9 @@ from torchvision.ops import StochasticDepth
 
 from ssql_deploy.errors import UserError
 from ssql_deploy.quant.fold import bn_affine
+from ssql_deploy.quant.layouts import LAYOUTS, Layout
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, QuantLinear
 
-Engine = Literal["ort", "trt"]
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
@@ -57,11 +53,10 @@ class _Value:
 
 
 class _Emitter:
-    def __init__(self, gm: fx.GraphModule, engine: Engine, weight_zero_point: int) -> None:
+    def __init__(self, gm: fx.GraphModule, layout: Layout, weight_zero_point: int) -> None:
         self.gm = gm
-        self.engine = engine
+        self.rules = LAYOUTS[layout]
         self.weight_zero_point = weight_zero_point
-        self.fold_bn = engine == "ort"
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.env: dict[fx.Node, _Value] = {}
@@ -146,7 +141,7 @@ class _Emitter:
             return _Value(self.linear(m, x, base))
         if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1):
             return _Value(self.op("Flatten", [x.name], base, axis=1))
-        if isinstance(m, nn.ReLU6) and self.engine == "ort" and self.saturates_at_6(node):
+        if isinstance(m, nn.ReLU6) and self.rules.relu6_as_relu and self.saturates_at_6(node):
             return _Value(self.op("Relu", [x.name], base))  # the same integers, and ORT folds a Relu into the QLinearConv
         activation = self.activation(m, x.name, base)
         if activation is not None:
@@ -206,21 +201,18 @@ class _Emitter:
     def quantize(self, x: _Value, q: ActQuantizer, base: str) -> _Value:
         p = q.qparams()
         scale, zp = float(p.scale), int(p.zero_point)
-        if self.engine == "trt":
-            if zp != 0:
-                raise ValueError(f"quantizer {base} has zero-point {zp}; TensorRT needs symmetric quantization")
-            dtype, lo, hi = np.int8, -128, 127
-        else:
-            dtype, lo, hi = (np.int8, -128, 127) if q.signed else (np.uint8, 0, 255)
+        if self.rules.signed and zp != 0:
+            raise ValueError(f"quantizer {base} has zero-point {zp}; this layout needs symmetric quantization")
+        dtype, lo, hi = (np.int8, -128, 127) if self.rules.signed or q.signed else (np.uint8, 0, 255)
         scale_name = self.const(f"{base}_scale", np.array(scale, np.float32))
         zp_name = self.const(f"{base}_zero_point", np.array(zp, dtype))
         narrow = (p.qmin, p.qmax) != (lo, hi)
         src = x.name
-        if narrow and self.engine == "trt":  # TensorRT wants float Clip -> Q (DEPLOY.md)
+        if narrow and self.rules.low_bit_clip == "float":  # TensorRT wants float Clip -> Q (DEPLOY.md)
             bounds = [self.const(f"{base}_clip_{k}", np.array((v - zp) * scale, np.float32)) for k, v in (("min", p.qmin), ("max", p.qmax))]
             src = self.op("Clip", [src, *bounds], f"{base}_clip")
         qname = self.op("QuantizeLinear", [src, scale_name, zp_name], f"{base}_q")
-        if narrow and self.engine == "ort":  # integer Clip between Q and DQ keeps ORT's fusion
+        if narrow and self.rules.low_bit_clip == "integer":  # integer Clip between Q and DQ keeps ORT's fusion
             bounds = [self.const(f"{base}_int_{k}", np.array(v, dtype)) for k, v in (("min", p.qmin), ("max", p.qmax))]
             qname = self.op("Clip", [qname, *bounds], f"{base}_qclip")
         dq = self.op("DequantizeLinear", [qname, scale_name, zp_name], f"{base}_dq")
@@ -231,7 +223,7 @@ class _Emitter:
         bias = m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_channels)
         users = list(node.users)
         bn = self.module(users[0]) if len(users) == 1 and users[0].op == "call_module" else None
-        fold = self.fold_bn and isinstance(bn, nn.BatchNorm2d)
+        fold = self.rules.fold_bn and isinstance(bn, nn.BatchNorm2d)
         gain = torch.ones(m.out_channels)
         if fold:
             assert isinstance(bn, nn.BatchNorm2d)
@@ -247,7 +239,7 @@ class _Emitter:
             scale[live] = scale[live] * gain[live].abs()
             ints = ints * torch.where(live, gain.sign(), torch.zeros_like(gain)).reshape(-1, 1, 1, 1)
             inputs.append(self.dequantized_weight(ints, scale, base))
-            if self.engine == "ort" and x.q is not None:
+            if self.rules.int32_bias and x.q is not None:
                 inputs.append(self.int32_bias(bias, scale * x.q.scale_value, base))
             else:
                 inputs.append(self.const(f"{base}_bias", bias.numpy()))
@@ -291,7 +283,7 @@ class _Emitter:
             kernel_shape=list(_pair(m.kernel_size)), strides=list(_pair(m.stride)),
             pads=[*_pair(m.padding), *_pair(m.padding)], ceil_mode=int(m.ceil_mode),
         )  # fmt: skip
-        if self.engine == "ort" and x.q is not None:  # max commutes with the monotone Q: stay integer
+        if self.rules.integer_pool and x.q is not None:  # max commutes with the monotone Q: stay integer
             pooled = self.op("MaxPool", [x.q.name], f"{base}_int", **attrs)
             dq = self.op("DequantizeLinear", [pooled, x.q.scale, x.q.zero_point], f"{base}_dq")
             return _Value(dq, _QInfo(pooled, x.q.scale, x.q.zero_point, x.q.scale_value))
@@ -331,15 +323,15 @@ def _unsupported(node: fx.Node) -> UserError:
 def build_onnx(
     gm: fx.GraphModule,
     input_shape: tuple[int, int, int],
-    engine: Engine,
+    layout: Layout,
     metadata: dict[str, str] | None = None,
     opset: int = DEFAULT_OPSET,
     weight_zero_point: int = 0,
 ) -> onnx.ModelProto:
     """An ONNX model with a dynamic batch dimension and all weights embedded."""
-    if weight_zero_point not in (0, -1) or (engine == "trt" and weight_zero_point != 0):
-        raise ValueError("weight_zero_point is 0, or -1 for the ort engine")
-    graph = _Emitter(gm, engine, weight_zero_point).run(input_shape)
+    if weight_zero_point not in LAYOUTS[layout].weight_zero_points:
+        raise ValueError(f"the {layout} layout takes weight zero-points {LAYOUTS[layout].weight_zero_points}, not {weight_zero_point}")
+    graph = _Emitter(gm, layout, weight_zero_point).run(input_shape)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ssql-deploy")
     model.ir_version = min(model.ir_version, 10)
     for key, value in (metadata or {}).items():

@@ -14,34 +14,59 @@ from typing import Any
 
 import onnx
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from ssql_deploy.errors import CheckFailed
+from ssql_deploy.export.engine_checks import CHECKS
 from ssql_deploy.export.onnx_graph import INPUT_NAME, build_onnx
-from ssql_deploy.export.ort_session import cpu_has_amx_int8, integer_conv_report
+from ssql_deploy.export.ort_session import cpu_has_amx_int8
 from ssql_deploy.export.parity import check_parity
 from ssql_deploy.export.tensorrt_engine import build_engine, tensorrt_status, trtexec_command
-from ssql_deploy.export.trt_rules import check_trt_qdq
-from ssql_deploy.manifest import read_manifest, unverified_reason, write_manifest
+from ssql_deploy.manifest import Manifest, read_manifest, unverified_reason, write_manifest
 from ssql_deploy.models.checkpoint import save_atomic
 from ssql_deploy.models.trained import ModelMeta
-from ssql_deploy.quant.artifact import find_quantized, load_quantized, twin_payload, variant
+from ssql_deploy.quant.artifact import find_quantized, load_quantized, twin_payload
 from ssql_deploy.quant.calib_set import load_calibration
 from ssql_deploy.quant.calibrate import calibrate
+from ssql_deploy.quant.layouts import LAYOUTS
 from ssql_deploy.quant.placement import ActPoint, trace
 from ssql_deploy.recipe import ExportRecipe
 from ssql_deploy.run import atomic_open, write_text_atomic
+from ssql_deploy.run_layout import FP32_FILE, PARITY_FILE, TWIN_FILE, ExportKey, RunLayout, variant
+from ssql_deploy.runtimes import ENGINES, QDQ_FILE, Engine
 
 STAGE = "export"
-QDQ_FILE, FP32_FILE, PLAN_FILE, TWIN_FILE = "model.qdq.onnx", "model.onnx", "model.plan", "twin.pt"
 META_KEY = "ssql_deploy_model"  # ONNX metadata entry holding the ModelMeta as JSON
 
 
-def export_dir(run_dir: Path, label: str, engine: str) -> Path:
-    return run_dir / STAGE / f"{label}-{engine}"
+class EngineBuild(BaseModel):
+    """The engine file built from the QDQ ONNX (a TensorRT plan), or why it was not, with the command that builds it."""
+
+    built: bool
+    reason: str | None = None
+    build_with: str
+    fp16_baseline_build_with: str | None = None
+    sidecar: dict[str, Any] | None = None
+    fp16_baseline: dict[str, Any] | None = None
 
 
-def fp32_dir(run_dir: Path) -> Path:
-    return run_dir / STAGE / "fp32"
+class ExportMetrics(BaseModel):
+    """What an export's manifest records, read back by bench as this type (an older manifest is refused, not guessed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    variant: str
+    engine: Engine
+    status: str  # ok | failed: <the first problem>
+    notes: list[str]
+    newly_calibrated_points: list[str]
+    weight_zero_point: int
+    check: dict[str, Any]  # the engine's own check (engine_checks.py)
+    parity: dict[str, Any]
+    engine_build: EngineBuild | None = None
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "ExportMetrics":
+        return cls.model_validate(manifest.metrics)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
@@ -58,7 +83,7 @@ def export_float(float_model: torch.nn.Module, meta: ModelMeta, run_dir: Path) -
 
     Rewritten only when its bytes change, so the TensorRT FP16 plan built from it stays committed.
     """
-    out = fp32_dir(run_dir)
+    out = RunLayout(run_dir).fp32
     path = out / FP32_FILE
     data = build_onnx(trace(float_model), (3, meta.input_size, meta.input_size), "ort", model_props(meta, bits="fp32")).SerializeToString()
     if path.is_file() and path.read_bytes() == data and unverified_reason(path) is None:
@@ -76,7 +101,7 @@ def _numerics_notes(gm: torch.fx.GraphModule) -> list[str]:
     resigned = sum(1 for p in points.values() if p.nonnegative and p.signed and p.bits == 8)
     if resigned:
         notes.append(f"{resigned} non-negative 8-bit activations re-expressed as signed int8 (127 levels, not 255): "
-                     "TensorRT has no uint8; accuracy measured on this artifact is of these deployed numerics")  # fmt: skip
+                     "this layout has no uint8; accuracy measured on this artifact is of these deployed numerics")  # fmt: skip
     extra = sum(1 for p in points.values() if p.kind in ("input", "branch", "skip", "preactivation"))
     if extra:
         notes.append(f"{extra} 8-bit quantizers added for the runtime (network input, residual Add inputs, conv outputs "
@@ -84,9 +109,17 @@ def _numerics_notes(gm: torch.fx.GraphModule) -> list[str]:
     return notes
 
 
-def run_export(recipe: ExportRecipe) -> dict[str, Any]:
+def _weight_zero_point(recipe: ExportRecipe) -> int:
+    """-1 (ORT's QGEMM path) when asked, or by `auto` on a CPU with AMX-INT8, and the layout allows it; else 0."""
+    wanted = -1 if recipe.ort_kernel == "gemm" or (recipe.ort_kernel == "auto" and cpu_has_amx_int8()) else 0
+    return wanted if wanted in LAYOUTS[ENGINES[recipe.engine].layout].weight_zero_points else 0
+
+
+def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
+    """Export, check and commit one quantized model for one engine; returns the metrics and the QDQ ONNX path."""
+    engine = ENGINES[recipe.engine]
     qpath = find_quantized(recipe.source, recipe.bits, recipe.lsq)
-    loaded = load_quantized(qpath, layout=recipe.engine)
+    loaded = load_quantized(qpath, layout=engine.layout)
     gm, meta, saved, missing = loaded.gm, loaded.meta, loaded.saved, loaded.uncalibrated
     cal = saved["calibration"]
     stored_root = Path(cal["data_root"]) if cal.get("data_root") else None
@@ -94,64 +127,53 @@ def run_export(recipe: ExportRecipe) -> dict[str, Any]:
     batches, calib_manifest = load_calibration(source, cal["calib_size"], Path(cal["calib_manifest"]).parent)
     if missing:
         calibrate(gm, batches, cal["calibrator"], cal["percentile"], points=sorted(missing))
-    run_dir = recipe.out or (recipe.source if recipe.source.is_dir() else qpath.parents[2])
+    run_dir = recipe.out or (recipe.source if recipe.source.is_dir() else RunLayout.of_quantized(qpath).root)
     label = variant(saved.get("label", saved["bits"]), saved["lsq"])
-    out_dir = export_dir(run_dir, label, recipe.engine)
+    out_dir = RunLayout(run_dir).export(ExportKey(label, engine.name))
     chw = (3, meta.input_size, meta.input_size)
 
-    zero_point = 0
-    if recipe.engine == "ort" and (recipe.ort_kernel == "gemm" or (recipe.ort_kernel == "auto" and cpu_has_amx_int8())):
-        zero_point = -1
-    props = model_props(meta, bits=label, variant=label, engine=recipe.engine, calibrator=cal["calibrator"])
-    model = build_onnx(gm, chw, recipe.engine, props, weight_zero_point=zero_point)
-
-    metrics: dict[str, Any] = {"bits": label, "variant": label, "engine": recipe.engine, "notes": _numerics_notes(gm),
-                               "newly_calibrated_points": sorted(missing), "weight_zero_point": zero_point}  # fmt: skip
-    problems: list[str] = []
-    if recipe.engine == "trt":
-        violations = check_trt_qdq(model)
-        metrics["trt_rule_violations"] = [str(v) for v in violations]
-        problems += [f"TensorRT rule {v}" for v in violations[:1]]
-    else:
-        metrics["ort_kernels"] = report = integer_conv_report(model)
-        if report["float_convs"]:
-            metrics["notes"].append(f"{report['float_convs']} of {report['convs']} convolutions stay float in ONNX Runtime")
-    metrics["parity"] = parity = check_parity(gm, model, batches, recipe.threads)
-    problems += parity["problems"]
+    zero_point = _weight_zero_point(recipe)
+    props = model_props(meta, bits=label, variant=label, engine=engine.name, calibrator=cal["calibrator"])
+    model = build_onnx(gm, chw, engine.layout, props, weight_zero_point=zero_point)
+    check = CHECKS[engine.name](model)
+    parity = check_parity(gm, model, batches, recipe.threads)
+    problems = check.problems + parity["problems"]
 
     # Commit: the checked files first, the manifest last (bench trusts only files their manifest hashes).
     onnx_path, twin_path = out_dir / QDQ_FILE, out_dir / TWIN_FILE
-    write_text_atomic(out_dir / "parity.json", json.dumps(parity, indent=1) + "\n")
+    write_text_atomic(out_dir / PARITY_FILE, json.dumps(parity, indent=1) + "\n")
     save_onnx(model, onnx_path)
     save_atomic(twin_payload(saved, gm), twin_path)
     fp32_path = export_float(loaded.float_model, meta, run_dir)
     outputs = {"onnx": onnx_path, "twin": twin_path}
-    if recipe.engine == "trt" and not problems:
-        metrics["tensorrt"] = _tensorrt(onnx_path, fp32_path, out_dir, chw, recipe, outputs)
-    metrics["status"] = "failed: " + problems[0] if problems else "ok"
+    build = _build_tensorrt(onnx_path, fp32_path, out_dir, chw, recipe, outputs) if engine.builds_from_onnx and not problems else None
+    metrics = ExportMetrics(variant=label, engine=engine.name, status="failed: " + problems[0] if problems else "ok",
+                            notes=_numerics_notes(gm) + check.notes, newly_calibrated_points=sorted(missing),
+                            weight_zero_point=zero_point, check=check.report, parity=parity, engine_build=build)  # fmt: skip
     write_manifest(out_dir, STAGE, {"quantized": qpath, "calib_manifest": calib_manifest, "fp32_onnx": fp32_path},
-                   recipe.model_dump(mode="json"), metrics, outputs)  # fmt: skip
+                   recipe.model_dump(mode="json"), metrics.model_dump(mode="json"), outputs)  # fmt: skip
     if problems:
-        raise CheckFailed(f"export {label}-{recipe.engine} failed: {problems[0]}", f"see {out_dir / 'manifest.json'}")
-    return metrics | {"onnx": str(onnx_path), "fp32_onnx": str(fp32_path)}
+        raise CheckFailed(f"export {label}-{engine.name} failed: {problems[0]}", f"see {out_dir / 'manifest.json'}")
+    return metrics, onnx_path
 
 
-def _tensorrt(
+def _build_tensorrt(
     onnx_path: Path, fp32_path: Path, out_dir: Path, chw: tuple[int, int, int], recipe: ExportRecipe, outputs: dict[str, Path]
-) -> dict[str, Any]:
+) -> EngineBuild:
     """Build the INT8 plan and, beside the FP32 ONNX, the FP16 plan it is compared with (same GPU, same profile)."""
+    plan_file = ENGINES["trt"].file
     low, opt, high = recipe.trt_batches
-    command = trtexec_command(onnx_path, out_dir / PLAN_FILE, INPUT_NAME, chw, low, opt, high)
-    fp16_plan = fp32_path.with_name(PLAN_FILE)
+    command = trtexec_command(onnx_path, out_dir / plan_file, INPUT_NAME, chw, low, opt, high)
+    fp16_plan = fp32_path.with_name(plan_file)
     fp16_command = trtexec_command(fp32_path, fp16_plan, INPUT_NAME, chw, low, opt, high, int8=False)
     available, reason = tensorrt_status()
     if not (available and recipe.build_engine):
         why = reason if not available else "engine build disabled (--no-build-engine)"
-        return {"built": False, "reason": why, "build_with": command, "fp16_baseline_build_with": fp16_command}
-    sidecar = build_engine(onnx_path, out_dir / PLAN_FILE, INPUT_NAME, chw, (low, opt, high))
-    outputs["plan"] = out_dir / PLAN_FILE
+        return EngineBuild(built=False, reason=why, build_with=command, fp16_baseline_build_with=fp16_command)
+    sidecar = build_engine(onnx_path, out_dir / plan_file, INPUT_NAME, chw, (low, opt, high))
+    outputs["plan"] = out_dir / plan_file
     fp16 = build_engine(fp32_path, fp16_plan, INPUT_NAME, chw, (low, opt, high), int8=False)
     fp32_manifest = read_manifest(fp32_path.parent)
     write_manifest(fp32_path.parent, STAGE, {}, fp32_manifest.settings if fp32_manifest else {}, {"status": "ok", "fp16_plan": fp16},
                    {"onnx": fp32_path, "plan": fp16_plan})  # fmt: skip
-    return {"built": True, "sidecar": sidecar, "trtexec_equivalent": command, "fp16_baseline": fp16}
+    return EngineBuild(built=True, build_with=command, sidecar=sidecar, fp16_baseline=fp16)

@@ -23,9 +23,9 @@ from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import evaluate_top1
 from ssql_deploy.models.checkpoint import load_checkpoint, save_atomic
 from ssql_deploy.progress import console, progress_bar
+from ssql_deploy.run_layout import BEST, LAST
 from ssql_deploy.train_state import MetricsLog, announce_resume, capture_rng, diverged, lr_at, restore_rng, set_lr
 
-BEST, LAST = "best.pt", "last.pt"
 Payload = Callable[[str, dict[str, Any]], dict[str, Any]]  # (kind, extra fields) -> checkpoint dict
 
 

@@ -15,19 +15,18 @@ from ssql_deploy.data.loaders import make_loader
 from ssql_deploy.distributed import DistInfo, init_distributed, shutdown_distributed
 from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import shard
-from ssql_deploy.finetune.loop import BEST, LAST, Schedule, fit_classifier, refuse_or_resume
+from ssql_deploy.finetune.loop import Schedule, fit_classifier, refuse_or_resume
 from ssql_deploy.manifest import write_manifest
 from ssql_deploy.models import create_model, model_spec, pick_stem, replace_head
 from ssql_deploy.models.checkpoint import import_weights, load_checkpoint
 from ssql_deploy.models.trained import ModelMeta, model_payload
 from ssql_deploy.progress import console
 from ssql_deploy.recipe import FinetuneRecipe
-from ssql_deploy.run import resolve_checkpoint
+from ssql_deploy.run_layout import BEST, LAST, RunLayout, resolve_checkpoint
 from ssql_deploy.train_state import check_batchnorm_batch, resume_recipe, settings_record
 
 STAGE = "finetune"
 # Where a run directory's weights live, most specific first; later stages use the same list.
-CHECKPOINT_CANDIDATES = (f"{STAGE}/{BEST}", "pretrain/backbone.pt", "pretrain/last.pt")
 
 
 def _prepare_model(recipe: FinetuneRecipe, meta: ModelMeta, dist: DistInfo) -> tuple[nn.Module, dict[str, Any] | None]:
@@ -35,7 +34,7 @@ def _prepare_model(recipe: FinetuneRecipe, meta: ModelMeta, dist: DistInfo) -> t
     model = create_model(meta.arch, meta.num_classes, meta.stem)  # type: ignore[arg-type]
     report = None
     if recipe.ckpt is not None:
-        path = resolve_checkpoint(recipe.ckpt, CHECKPOINT_CANDIDATES)
+        path = resolve_checkpoint(recipe.ckpt, RunLayout.start_candidates)
         key_report = import_weights(load_checkpoint(path), model, spec)
         if dist.is_main:
             console.print(key_report.table())
@@ -66,7 +65,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> tuple[Finetune
             "pass --ckpt (a pretrained checkpoint or run directory), or use --mode full to train from scratch",
         )
     dist = init_distributed()
-    stage_dir = recipe.out / STAGE
+    stage_dir = RunLayout(recipe.out).finetune
     state = refuse_or_resume(stage_dir, STAGE, resume)
     if state is not None:
         recipe = resume_recipe(recipe, state, stage_dir)

@@ -10,10 +10,7 @@ from ssql_deploy.data import DataSource, get_spec
 from ssql_deploy.errors import UserError
 from ssql_deploy.models.checkpoint import FORMAT, FORMAT_VERSION, import_weights, is_own, load_checkpoint
 from ssql_deploy.models.registry import create_model, model_spec, pick_stem, replace_head
-from ssql_deploy.run import resolve_checkpoint
-
-# Where a run directory keeps a classifier to quantize or measure, most specific first.
-TRAINED_CANDIDATES = ("finetune/best.pt", "finetune/last.pt")
+from ssql_deploy.run_layout import RunLayout, resolve_checkpoint
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,7 @@ def load_trained(
     Plain state dicts (torchvision, SSQL reference) carry no metadata: the class count is read
     from the fc weight and the stem from conv1, so only the architecture must be named.
     """
-    file = resolve_checkpoint(path, TRAINED_CANDIDATES)
+    file = resolve_checkpoint(path, RunLayout.trained_candidates)
     obj = load_checkpoint(file)
     if is_own(obj) and "arch" in obj:
         meta = ModelMeta.from_checkpoint(obj)

@@ -6,14 +6,14 @@ A typo in the gate section must not cost the training before it, so this module 
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ssql_deploy.bench.gate import GateSpec, parse_gates
-from ssql_deploy.bench.schema import row_names
 from ssql_deploy.errors import UserError
 from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.recipe import BenchRecipe, ExportRecipe, FinetuneRecipe, PipelineRecipe, PretrainRecipe, QuantizeRecipe, validate
-
-PRETRAIN_BACKBONE = Path("pretrain/backbone.pt")  # what the fine-tuning of a pipeline with a pretrain stage starts from
+from ssql_deploy.run_layout import RunLayout, variant
+from ssql_deploy.runtimes import ENGINES, Engine, row_names
 
 
 @dataclass(frozen=True)
@@ -30,21 +30,51 @@ class PipelinePlan:
     strict: bool
 
 
+def _section(name: str, section: dict[str, Any], set_here: tuple[str, ...], source: str) -> dict[str, Any]:
+    given = sorted(set(section) & set(set_here))
+    if given:
+        raise UserError(f"{source} [{name}]: {given[0]!r} is set by the pipeline", f"drop it from the {name} section")
+    return dict(section)
+
+
+def _quantize(recipe: PipelineRecipe, out: Path, workers: int, source: str) -> list[QuantizeRecipe]:
+    """One quantize recipe per (section, bits): a section is a quantize recipe whose `bits` may be a list."""
+    sections = recipe.quantize if isinstance(recipe.quantize, list) else [recipe.quantize]
+    found = []
+    for section in sections:
+        data = {"workers": workers} | _section("quantize", section, ("source", "out", "ckpt"), source)
+        bits = data.pop("bits", ["w8a8"])
+        for b in bits if isinstance(bits, list) else [bits]:
+            found.append(validate(QuantizeRecipe, data | {"source": out, "bits": b}, f"{source} [quantize]"))
+    return found
+
+
+def _exports(recipe: PipelineRecipe, quantize: list[QuantizeRecipe], out: Path, source: str) -> list[ExportRecipe]:
+    """Each quantized model for each engine; options of one engine (ort_kernel, trt_batches) go to that engine only."""
+    data = _section("export", recipe.export, ("source", "out", "bits", "lsq", "engine"), source)
+    engines = data.pop("engines", ["ort"])
+    others = {o for e in ENGINES.values() for o in e.options}
+    exports = []
+    for q in quantize:
+        for engine in engines if isinstance(engines, list) else [engines]:
+            own = {k: v for k, v in data.items() if k not in others or k in ENGINES.get(engine, ENGINES["ort"]).options}
+            label = QuantConfig.from_bits(q.bits, q.layer_bits).label
+            exports.append(
+                validate(ExportRecipe, own | {"source": out, "bits": label, "lsq": q.lsq, "engine": engine}, f"{source} [export]")
+            )
+    return exports
+
+
 def plan_pipeline(recipe: PipelineRecipe, source: str) -> PipelinePlan:
     out = recipe.out
+    run = RunLayout(out)
     pretrain = validate(PretrainRecipe, recipe.pretrain | {"out": out}, f"{source} [pretrain]") if recipe.pretrain is not None else None
-    start = {"ckpt": out / PRETRAIN_BACKBONE} if pretrain is not None else {}
+    start = {"ckpt": run.backbone} if pretrain is not None else {}  # fine-tuning starts from the pretraining
     finetune = validate(FinetuneRecipe, recipe.finetune | start | {"out": out}, f"{source} [finetune]")
-    q, e, b = recipe.quantize, recipe.export, recipe.bench
-    workers = {"workers": finetune.workers}
-    quantize = [validate(QuantizeRecipe, {"source": out, "bits": bits, "layer_bits": q.layer_bits, "calib": q.calib, "percentile": q.percentile,
-                                          "calib_size": q.calib_size, **workers}, f"{source} [quantize]") for bits in q.bits]  # fmt: skip
-    labels = [QuantConfig.from_bits(qr.bits, qr.layer_bits).label for qr in quantize]
-    exports = [validate(ExportRecipe, {"source": out, "bits": label, "engine": engine, "ort_kernel": e.ort_kernel}, f"{source} [export]")
-               for label in labels for engine in e.engines]  # fmt: skip
-    bench = validate(BenchRecipe, {"artifacts": [out], "batch_sizes": b.batch_sizes, "runs": b.runs, "rounds": b.rounds,
-                                   "warmup": b.warmup, "threads": b.threads, "subset": b.subset, "out": out / "bench", **workers},
-                     f"{source} [bench]")  # fmt: skip
+    quantize = _quantize(recipe, out, finetune.workers, source)
+    exports = _exports(recipe, quantize, out, source)
+    bench_section = {"workers": finetune.workers} | _section("bench", recipe.bench, ("artifacts", "out"), source)
+    bench = validate(BenchRecipe, bench_section | {"artifacts": [out], "out": run.bench}, f"{source} [bench]")
     gates: list[GateSpec] = []
     if recipe.gate is not None:
         g = recipe.gate
@@ -52,15 +82,16 @@ def plan_pipeline(recipe: PipelineRecipe, source: str) -> PipelinePlan:
             gates = parse_gates(g.min_top1, g.max_drop, g.max_latency_ms, g.min_speedup)
         except UserError as exc:
             raise UserError(f"{source} [gate]: {exc.problem}", exc.fix) from None
-        _check_gate_targets(gates, labels, list(e.engines), source)
+        variants = list(dict.fromkeys(variant(QuantConfig.from_bits(q.bits, q.layer_bits).label, q.lsq) for q in quantize))
+        _check_gate_targets(gates, variants, [e.engine for e in exports], source)
     return PipelinePlan(out, pretrain, finetune, quantize, exports, bench, gates, recipe.gate.strict if recipe.gate else False)
 
 
-def _check_gate_targets(gates: list[GateSpec], labels: list[str], engines: list[str], source: str) -> None:
-    names = row_names(labels, engines)
+def _check_gate_targets(gates: list[GateSpec], variants: list[str], engines: list[Engine], source: str) -> None:
+    names = row_names(variants, list(dict.fromkeys(engines)))
     for g in gates:
-        if g.kind == "max_drop" and g.target not in labels:
+        if g.kind == "max_drop" and g.target not in variants:
             raise UserError(f"{source} [gate]: --max-drop names {g.target}, which the pipeline does not quantize",
-                            f"bit-widths: {', '.join(labels)}")  # fmt: skip
+                            f"quantized models: {', '.join(variants)}")  # fmt: skip
         if g.kind != "max_drop" and g.target not in names:
             raise UserError(f"{source} [gate]: no row {g.target!r} will exist", f"rows: {', '.join(sorted(names))}")

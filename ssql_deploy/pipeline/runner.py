@@ -15,15 +15,16 @@ from ssql_deploy.bench.stage import run_bench
 from ssql_deploy.errors import UserError
 from ssql_deploy.export.stage import run_export
 from ssql_deploy.finetune import run_finetune
-from ssql_deploy.finetune.trainer import CHECKPOINT_CANDIDATES
 from ssql_deploy.manifest import read_manifest
 from ssql_deploy.models.checkpoint import load_checkpoint
 from ssql_deploy.pipeline.plan import PipelinePlan
 from ssql_deploy.pretrain.trainer import run_pretrain
 from ssql_deploy.progress import console
+from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.quant.stage import run_quantize
 from ssql_deploy.recipe import Recipe
-from ssql_deploy.run import resolve_checkpoint, sha256_file
+from ssql_deploy.run import sha256_file
+from ssql_deploy.run_layout import LAST, RunLayout, resolve_checkpoint, variant
 from ssql_deploy.train_state import RESUME_FREE, describe_differences, setting_differences
 
 
@@ -47,8 +48,8 @@ def _train_once(stage_dir: Path, recipe: Recipe, inputs: dict[str, Path], train:
     if manifest is not None:
         differs = _differences(manifest.settings, recipe, {k: r.sha256 for k, r in manifest.inputs.items()}, inputs)
         what = "finished"
-    elif (stage_dir / "last.pt").is_file():
-        state = load_checkpoint(stage_dir / "last.pt")
+    elif (stage_dir / LAST).is_file():
+        state = load_checkpoint(stage_dir / LAST)
         differs = _differences(state.get("settings", {}), recipe, {}, {})
         what = "interrupted"
     else:
@@ -71,16 +72,20 @@ def run_pipeline(plan: PipelinePlan, force: bool = False) -> tuple[dict[str, Any
     if plan.pretrain is not None:
         pretrain = plan.pretrain
         _stage(f"pretrain ({pretrain.method})")
-        _train_once(plan.out / "pretrain", pretrain, {}, lambda resume: run_pretrain(pretrain, resume=resume), force)
+        _train_once(RunLayout(plan.out).pretrain, pretrain, {}, lambda resume: run_pretrain(pretrain, resume=resume), force)
     finetune = plan.finetune
     _stage("fine-tune")
-    start = {"ckpt": resolve_checkpoint(finetune.ckpt, CHECKPOINT_CANDIDATES)} if finetune.ckpt is not None else {}
-    _train_once(plan.out / "finetune", finetune, start, lambda resume: run_finetune(finetune, resume=resume), force)
+    start = {"ckpt": resolve_checkpoint(finetune.ckpt, RunLayout.start_candidates)} if finetune.ckpt is not None else {}
+    _train_once(RunLayout(plan.out).finetune, finetune, start, lambda resume: run_finetune(finetune, resume=resume), force)
     for q in plan.quantize:
-        _stage(f"quantize {q.bits}" + (f" with {len(q.layer_bits)} layer overrides" if q.layer_bits else ""))
-        label = run_quantize(q)["bits"]
-        for export in (x for x in plan.exports if x.bits == label):
-            _stage(f"export {label} for {export.engine}")
+        name = variant(QuantConfig.from_bits(q.bits, q.layer_bits).label, q.lsq)
+        _stage(f"quantize {name}" + (f" ({len(q.layer_bits)} layer overrides)" if q.layer_bits else ""))
+        if q.lsq:  # a training stage: reused, resumed or refused like the others
+            _train_once(RunLayout(plan.out).quant(name), q, {}, lambda resume, q=q: run_quantize(q, resume=resume), force)
+        else:
+            run_quantize(q)
+        for export in (x for x in plan.exports if variant(x.bits or "", x.lsq) == name):
+            _stage(f"export {name} for {export.engine}")
             run_export(export)
     _stage("bench")
     bench = run_bench(plan.bench)

@@ -34,6 +34,7 @@ from ssql_deploy.pretrain.knn import knn_top1
 from ssql_deploy.pretrain.methods import SSLMethod, build_method
 from ssql_deploy.progress import console, progress_bar
 from ssql_deploy.recipe import PretrainRecipe
+from ssql_deploy.run_layout import BACKBONE, LAST, RunLayout
 from ssql_deploy.train_state import (
     MetricsLog,
     announce_resume,
@@ -48,7 +49,6 @@ from ssql_deploy.train_state import (
 )
 
 STAGE = "pretrain"
-LAST, BACKBONE = "last.pt", "backbone.pt"
 EVAL_BATCH = 256
 STATUS_EVERY = 10  # steps between progress-bar status refreshes
 COLLAPSE_RATIO = 0.1  # warn when z-std falls below this fraction of a healthy 1/sqrt(d)
@@ -243,8 +243,8 @@ class _Session:
 def run_pretrain(recipe: PretrainRecipe, resume: bool = False) -> tuple[PretrainRecipe, dict[str, Any]]:
     """Train; returns the recipe that ran (on resume, the run's own settings) and the final metrics."""
     dist = init_distributed()
-    stage_dir = recipe.out / STAGE
-    last_path = stage_dir / LAST
+    run = RunLayout(recipe.out)
+    stage_dir, last_path = run.pretrain, run.pretrain / LAST
     if not resume and last_path.exists():
         raise UserError(f"{stage_dir} already holds a pretraining run", "pass --resume to continue it or choose another --out")
     if resume and not last_path.is_file():

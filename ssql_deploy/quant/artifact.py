@@ -19,18 +19,7 @@ from ssql_deploy.models.registry import model_spec
 from ssql_deploy.models.trained import ModelMeta, build_model, model_payload
 from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.quant.placement import Layout, act_quantizers, layer_table, prepare, quantizer_name, weight_quantizers
-
-QUANT_FILE = "quantized.pt"
-
-
-def variant(label: str, lsq: bool) -> str:
-    """How a quantized model is named in directories and reports: its config's label (`w4a4`, `w4a4-1a2b3c`),
-    with `-lsq` after quantization-aware training."""
-    return f"{label}-lsq" if lsq else label
-
-
-def quant_dir(run_dir: Path, label: str, lsq: bool = False) -> Path:
-    return run_dir / "quant" / variant(label, lsq)
+from ssql_deploy.run_layout import RunLayout, variant
 
 
 def find_quantized(run_dir: Path, label: str | None, lsq: bool = False) -> Path:
@@ -39,9 +28,10 @@ def find_quantized(run_dir: Path, label: str | None, lsq: bool = False) -> Path:
         return run_dir
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist", "pass the --out of an earlier `ssql-deploy quantize`")
-    found = sorted((run_dir / "quant").glob(f"*/{QUANT_FILE}"))
+    run = RunLayout(run_dir)
+    found = run.quantized_models()
     if label is not None:
-        path = quant_dir(run_dir, label, lsq) / QUANT_FILE
+        path = run.quantized(variant(label, lsq))
         if not path.is_file():
             how = f"--bits {label}" + (" --lsq --epochs N" if lsq else "")
             have = f" (it has {', '.join(p.parent.name for p in found)})" if found else ""

@@ -15,7 +15,7 @@ import fnmatch
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,16 +91,26 @@ class QuantConfig(BaseModel):
         return bits
 
     @classmethod
-    def from_bits(cls, bits: str | BitSpec, layer_bits: Iterable[str] = ()) -> "QuantConfig":
-        """`--bits w4a4` with `--layer-bits PATTERN=SPEC` overrides (in the order given)."""
+    def from_bits(cls, bits: str | BitSpec, layer_bits: Iterable[str] | Mapping[str, Any] = ()) -> "QuantConfig":
+        """`--bits w4a4` with `--layer-bits PATTERN=SPEC` overrides (in the order given), or a recipe's {PATTERN: SPEC}."""
         spec = bits if isinstance(bits, BitSpec) else BitSpec.parse(bits)
         overrides = []
-        for text in layer_bits:
-            pattern, sep, value = text.rpartition("=")
-            if not sep or not pattern.strip():
-                raise UserError(f"malformed --layer-bits {text!r}", "write PATTERN=SPEC, e.g. 'features.0.*=w8a8' or 'classifier.*=float'")
-            overrides.append(Override(pattern=pattern.strip(), spec=LayerSpec.parse(value, f"--layer-bits {text!r}")))
+        if isinstance(layer_bits, Mapping):
+            for pattern, value in layer_bits.items():
+                overrides.append(Override(pattern=str(pattern), spec=LayerSpec.parse(value, f"layer_bits {pattern!r}")))
+        else:
+            for text in layer_bits:
+                pattern, sep, value = str(text).rpartition("=")
+                if not sep or not pattern.strip():
+                    raise UserError(
+                        f"malformed --layer-bits {text!r}", "write PATTERN=SPEC, e.g. 'features.0.*=w8a8' or 'classifier.*=float'"
+                    )
+                overrides.append(Override(pattern=pattern.strip(), spec=LayerSpec.parse(value, f"--layer-bits {text!r}")))
         return cls(w=spec.w, a=spec.a, overrides=tuple(overrides))
+
+    def override_specs(self) -> list[str]:
+        """The overrides as `--layer-bits` values (PATTERN=SPEC), in order: how recipes and manifests record them."""
+        return [f"{o.pattern}={o.spec}" for o in self.overrides]
 
     @property
     def default(self) -> BitSpec:

@@ -18,12 +18,13 @@ from ssql_deploy.data import DataSource, train_transform
 from ssql_deploy.data.loaders import make_loader
 from ssql_deploy.distributed import DistInfo
 from ssql_deploy.errors import UserError
-from ssql_deploy.finetune.loop import BEST, LAST, Schedule, fit_classifier
+from ssql_deploy.finetune.loop import Schedule, fit_classifier
 from ssql_deploy.models.checkpoint import load_checkpoint
 from ssql_deploy.models.trained import ModelMeta
 from ssql_deploy.quant.artifact import init_lsq, quantized_payload
 from ssql_deploy.quant.placement import act_quantizers
 from ssql_deploy.recipe import QuantizeRecipe
+from ssql_deploy.run_layout import BEST, LAST
 from ssql_deploy.train_state import check_batchnorm_batch, settings_record
 
 STAGE = "lsq"

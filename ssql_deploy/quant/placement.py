@@ -1,22 +1,13 @@
-"""Where quantizers go: rules by operator, one rule set per target layout, applied to an FX trace of any CNN.
+"""Where quantizers go: rules by operator, applied to an FX trace of any CNN, with one rule set per layout (layouts.py).
 
 Operator rules (every layout): every conv's weights (per output channel, so depthwise and grouped
 convs too) at the config's weight bits; an activation quantizer after every ReLU, ReLU6, Hardswish,
 Hardsigmoid, SiLU and Sigmoid (unsigned after the non-negative ones, with a zero-point or signed
 after the others), and on every conv input not quantized yet (a linear bottleneck, a residual sum,
 a squeeze-excite product or pooled vector); pooling, dropout and flatten pass values through on
-their grid. Nothing in the model's classification head is quantized.
-
-Layout rules (LAYOUTS):
-- `ssql`: the SSQL reference; the network input stays float. What `quantize` simulates.
-- `ort`: BatchNorm folded, 8-bit quantizers on the network input and both inputs of every
-  residual Add, and on a conv output that feeds an activation ONNX Runtime cannot fuse into the
-  conv (Hardswish, SiLU, sigmoids): every conv then sits between DequantizeLinear and
-  QuantizeLinear and runs as QLinearConv; conv biases on QLinearConv's int32 grid.
-- `trt`: TensorRT's explicit-quantization rules (DEPLOY.md): symmetric signed int8, the network
-  input and every conv input quantized, a Q/DQ pair on the skip input of each Add only.
-  Non-negative activations below 8 bits keep their exact unsigned grid inside int8; at 8 bits they
-  are re-expressed as signed int8 (127 positive levels) because TensorRT has no uint8.
+their grid. Nothing in the model's classification head is quantized. What a layout adds for its
+runtime (the network input, residual Add inputs, conv outputs before unfusable activations) comes
+from its `LayoutRules`.
 """
 
 import operator
@@ -33,33 +24,17 @@ from ssql_deploy.models.registry import ModelSpec
 from ssql_deploy.quant.bits import BitSpec
 from ssql_deploy.quant.config import QuantConfig, Resolved, resolve
 from ssql_deploy.quant.fold import fold_batchnorm
+from ssql_deploy.quant.layouts import LAYOUTS, Layout
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, WeightQuantizer
 
-Layout = Literal["ssql", "ort", "trt"]
 PointKind = Literal["activation", "conv_input", "input", "branch", "skip", "preactivation"]
 RUNTIME_BITS = 8  # quantizers a runtime needs beyond the SSQL placement are 8-bit
 
 
 @dataclass(frozen=True)
-class LayoutRules:
-    fold_bn: bool
-    quantize_input: bool
-    signed: bool  # symmetric signed int8 everywhere (TensorRT)
-    add_inputs: Literal["none", "both", "skip"]
-    preactivation: bool  # quantize a conv output feeding an activation the runtime cannot fuse
-
-
-LAYOUTS: dict[Layout, LayoutRules] = {
-    "ssql": LayoutRules(fold_bn=False, quantize_input=False, signed=False, add_inputs="none", preactivation=False),
-    "ort": LayoutRules(fold_bn=True, quantize_input=True, signed=False, add_inputs="both", preactivation=True),
-    "trt": LayoutRules(fold_bn=False, quantize_input=True, signed=True, add_inputs="skip", preactivation=False),
-}
-
-
-@dataclass(frozen=True)
 class ActivationRule:
     nonnegative: bool
-    fused_by_ort: bool  # ORT folds it into the QLinearConv before it (Relu; Clip within the quantizer's range)
+    fuses_into_conv: bool  # integer conv kernels apply it themselves (Relu; ReLU6 clamped by its quantizer)
 
 
 ACTIVATIONS: dict[type[nn.Module], ActivationRule] = {
@@ -181,7 +156,7 @@ def plan_points(gm: fx.GraphModule, layout: Layout, widths: Resolved, head: str)
             if isinstance(producer, fx.Node) and producer is not placeholder:
                 nonneg = _is(gm, producer, tuple(t for t, r in ACTIVATIONS.items() if r.nonnegative))
                 add_point(producer, "conv_input", widths.act_bits(_layer(producer)), nonneg)
-        if rules.preactivation and module is not None and type(module) in ACTIVATIONS and not ACTIVATIONS[type(module)].fused_by_ort:
+        if rules.preactivation and module is not None and type(module) in ACTIVATIONS and not ACTIVATIONS[type(module)].fuses_into_conv:
             if _from_conv(gm, node.args[0]) is not None:  # Q right after the conv, so it runs as QLinearConv
                 add_point(_source(gm, node.args[0]), "preactivation", RUNTIME_BITS, False)  # type: ignore[arg-type]
         if node.op == "call_function" and node.target in ADD_OPS and rules.add_inputs != "none":

@@ -11,7 +11,7 @@ from ssql_deploy.finetune.loop import refuse_or_resume
 from ssql_deploy.manifest import write_manifest
 from ssql_deploy.models.registry import model_spec
 from ssql_deploy.models.trained import load_trained
-from ssql_deploy.quant.artifact import QUANT_FILE, quant_dir, save_quantized
+from ssql_deploy.quant.artifact import save_quantized
 from ssql_deploy.quant.calib_set import load_calibration
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.config import QuantConfig
@@ -19,6 +19,7 @@ from ssql_deploy.quant.lsq import STAGE as LSQ_STAGE
 from ssql_deploy.quant.lsq import train_lsq
 from ssql_deploy.quant.placement import layer_table, prepare
 from ssql_deploy.recipe import QuantizeRecipe
+from ssql_deploy.run_layout import QUANT_FILE, RunLayout, variant
 from ssql_deploy.train_state import resume_recipe
 
 STAGE = "quantize"
@@ -31,7 +32,7 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     if recipe.out is None and not recipe.source.is_dir():
         raise UserError("--out is needed when quantizing a checkpoint file", "pass --out RUN_DIR")
     run_dir = recipe.out or recipe.source
-    out_dir = quant_dir(run_dir, config.label, recipe.lsq)
+    out_dir = RunLayout(run_dir).quant(variant(config.label, recipe.lsq))
     state = refuse_or_resume(out_dir, LSQ_STAGE, resume) if recipe.lsq else None
     if resume and not recipe.lsq:
         raise UserError("--resume continues an interrupted LSQ training; post-training quantization has nothing to resume", "add --lsq")

@@ -1,0 +1,122 @@
+"""Every model family through the chain: placement by operator, export for each runtime, and the CLI end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CliRun, write_image_tree
+from torch import nn
+
+from ssql_deploy.errors import UserError
+from ssql_deploy.export.onnx_graph import build_onnx
+from ssql_deploy.export.ort_session import integer_conv_report, optimized_op_counts
+from ssql_deploy.export.parity import check_parity
+from ssql_deploy.export.trt_rules import check_trt_qdq
+from ssql_deploy.models import create_model, list_models, model_spec
+from ssql_deploy.quant.calibrate import calibrate
+from ssql_deploy.quant.config import QuantConfig
+from ssql_deploy.quant.placement import prepare
+
+TINY = sorted(s.name for s in list_models() if s.name.startswith("test_"))
+
+
+def _prepared(name: str, layout: str, bits: str, images: torch.Tensor) -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    model = create_model(name, 10, "cifar").eval()
+    gm = prepare(model, layout, QuantConfig.from_bits(bits), model_spec(name))  # type: ignore[arg-type]
+    calibrate(gm, [images], "minmax")
+    return gm
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a4"])
+@pytest.mark.parametrize("name", TINY)
+def test_ort_runs_every_conv_as_an_integer_kernel_and_matches_pytorch(name: str, bits: str, fmnist_batch: torch.Tensor) -> None:
+    gm = _prepared(name, "ort", bits, fmnist_batch)
+    model = build_onnx(gm, (3, 32, 32), "ort")
+    report = integer_conv_report(model)
+    assert report["convs"] > 0 and report["integer_convs"] == report["convs"] and report["float_convs"] == 0, report
+    assert all(info["why"] for info in report["float_ops"].values())  # anything left in float is explained
+    parity = check_parity(gm, model, [fmnist_batch])
+    assert parity["passed"], parity["problems"]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_trt_layout_passes_tensorrts_rules_and_matches_pytorch(name: str, fmnist_batch: torch.Tensor) -> None:
+    gm = _prepared(name, "trt", "w4a8", fmnist_batch)
+    model = build_onnx(gm, (3, 32, 32), "trt")
+    assert [str(v) for v in check_trt_qdq(model)] == []
+    assert check_parity(gm, model, [fmnist_batch])["passed"]
+
+
+def test_placement_by_operator_on_inverted_residuals_and_squeeze_excite(fmnist_batch: torch.Tensor) -> None:
+    # MobileNetV2: the residual Add has no ReLU after it, so its sum is signed: quantized with a zero-point before the next conv.
+    gm = _prepared("test_mobilenet_v2", "ort", "w4a4", fmnist_batch)
+    adds = [p for p in gm.quant_points.values() if p.node.startswith("add")]
+    assert adds and all(not p.nonnegative and p.kind == "conv_input" for p in adds)
+    assert optimized_op_counts(build_onnx(gm, (3, 32, 32), "ort"))["QLinearAdd"] == len(adds)  # ORT: every Add on the integer grid
+    trt = {p.kind for p in _prepared("test_mobilenet_v2", "trt", "w4a4", fmnist_batch).quant_points.values()}
+    assert "branch" not in trt  # TensorRT: the conv branch of an Add stays unquantized, so the conv fuses with the Add
+    # MobileNetV3: Hardswish after a conv gets an 8-bit quantizer on the conv output (ORT cannot fuse it into the conv),
+    # the squeeze-excite gate (Hardsigmoid) is quantized unsigned, and every ReLU6/ReLU/Hardswish output is quantized.
+    v3 = _prepared("test_mobilenet_v3", "ort", "w4a4", fmnist_batch)
+    kinds = {p.kind for p in v3.quant_points.values()}
+    modules = dict(v3.named_modules())
+    gates = [p for p in v3.quant_points.values() if isinstance(modules.get(p.layer), nn.Hardsigmoid)]
+    assert "preactivation" in kinds and gates and all(p.nonnegative and p.bits == 4 for p in gates)
+
+
+class _Unplaceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.LayerNorm([8, 30, 30])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.max(self.norm(self.conv(x)), dim=1).values.mean((1, 2))
+
+
+def test_an_operator_nobody_can_place_is_named_with_its_node() -> None:
+    with pytest.raises(UserError, match=r"does not know operator LayerNorm \(node norm"):
+        prepare(_Unplaceable(), "ort", QuantConfig.from_bits("w8a8"))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_each_family_end_to_end_from_the_cli(name: str, tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:
+    """finetune -> quantize -> export for ort and trt -> bench, as a user types it."""
+    run = tmp_path / "run"
+    ft = cli("finetune", "--arch", name, "--subset", "512", "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--workers", "0",
+             "--out", run)  # fmt: skip
+    assert ft.returncode == 0, ft.stderr
+    q = cli("quantize", run, "--bits", "w4a4", "--calib-size", "64", "--calib-dir", tmp_path / "calib", "--subset", "256", "--workers", "0")
+    assert q.returncode == 0, q.stderr
+    assert "per-layer widths of w4a4" in q.stdout
+    for engine in ("ort", "trt"):
+        e = cli("export", run, "--engine", engine)
+        assert e.returncode == 0, e.stderr
+    ort = json.loads((run / "export/w4a4-ort/manifest.json").read_text())["metrics"]["check"]
+    assert ort["integer_convs"] == ort["convs"] > 0
+    trt = json.loads((run / "export/w4a4-trt/manifest.json").read_text())["metrics"]["check"]
+    assert trt["trt_rule_violations"] == []
+    b = cli("bench", run, "--subset", "128", "--batch-sizes", "1", "--workers", "0", "--out", tmp_path / "bench")
+    assert b.returncode == 0, b.stderr
+    rows = {r["name"]: r for r in json.loads((tmp_path / "bench/report.json").read_text())["rows"]}
+    for row in ("torch-fp32", "onnx-fp32", "torch-w4a4", "qdq-ort-w4a4", "qdq-trt-w4a4"):
+        assert rows[row]["status"] == "ok" and rows[row]["n_images"] == 128, (row, rows[row])
+    assert rows["onnx-fp32"]["agreement"] == 100.0 and rows["qdq-ort-w4a4"]["agreement"] >= 99
+    assert rows["trt-w4a4"]["status"].startswith("skipped")  # no GPU here
+    assert np.isfinite(rows["qdq-ort-w4a4"]["latency"]["1"]["p50_ms"])
+
+
+def test_a_mobile_family_on_full_size_images_as_users_write_it(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:
+    """`finetune --arch ... --data imagefolder --data-root DIR` with no size flags: 224 px, the full-size variant, as for
+    Flowers-102 or any ImageFolder tree a user points at (Flowers' own files are checksummed, so none can be made here)."""
+    tree = tmp_path / "tree"
+    write_image_tree(tree, fmnist_root, 3, 8)
+    run = tmp_path / "run"
+    ft = cli("finetune", "--arch", "test_mobilenet_v3", "--data", "imagefolder", "--data-root", tree, "--epochs", "1", "--batch-size", "8",
+             "--workers", "0", "--out", run)  # fmt: skip
+    assert ft.returncode == 0, ft.stderr
+    meta = json.loads((run / "finetune/manifest.json").read_text())["settings"]["resolved_model"]
+    assert (meta["input_size"], meta["stem"], meta["num_classes"]) == (224, "imagenet", 3)
