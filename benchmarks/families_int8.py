@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssql_deploy.data import DataSource  # noqa: E402
-from ssql_deploy.evaluate import eval_loader  # noqa: E402
-from ssql_deploy.export.ort_session import integer_conv_report, make_session  # noqa: E402
+from ort_top1 import ort_top1  # noqa: E402
+
+from ssql_deploy.export.ort_session import integer_conv_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 RUNS = ROOT / "runs/families"
@@ -46,15 +46,6 @@ def cli(*args: str | Path) -> float:
         f.flush()
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
     return round(time.time() - start, 1)
-
-
-def ort_top1(path: Path) -> float:
-    session = make_session(path, 2)
-    correct = total = 0
-    for images, labels in eval_loader(DataSource.of("fashion-mnist", None, 32), None, 500, 1):
-        correct += int((session.run(None, {"input": images.numpy()})[0].argmax(1) == labels.numpy()).sum())
-        total += len(labels)
-    return round(100.0 * correct / total, 2)
 
 
 def finetune(arch: str) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from conftest import CliRun
 
 from ssql_deploy.bench.schema import Row, baseline_name
-from ssql_deploy.bench.timing import interleaved, paired_speedup
+from ssql_deploy.bench.timing import ROUND_WARMUP, interleaved, paired_speedup
 from ssql_deploy.quant.artifact import load_quantized
 from ssql_deploy.quant.calib_set import load_calibration
 
@@ -47,7 +47,8 @@ def test_rounds_rotate_the_order_and_speedups_pair_rounds() -> None:
     calls: list[str] = []
     timers = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
     measured = interleaved(timers, warmup=0, runs=3, rounds=3)
-    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each round starts one later
+    block = 1 + ROUND_WARMUP  # one timed run per round, after the block's untimed ones
+    assert calls == [n for n in ["a", "b", "c", "b", "c", "a", "c", "a", "b"] for _ in range(block)]  # each round starts one later
     assert all(len(m.round_medians) == 3 and len(m.samples) == 3 for m in measured.values())
     fast = type(measured["a"])(samples=[1.0] * 3, round_medians=[1.0, 2.0, 4.0])
     slow = type(measured["a"])(samples=[1.0] * 3, round_medians=[3.0, 4.0, 12.0])

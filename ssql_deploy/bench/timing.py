@@ -4,7 +4,9 @@ Timing artifacts one after another compares two moments of a machine, not two mo
 during one of them moves the ratio (the quickstart's speed gate once failed at 1.17x on a model
 measured at 1.39x). Here every round times every artifact, in an order that rotates from round to
 round, so drift hits all of them alike; a speed-up is the median of the per-round ratios, and the
-smallest and largest ratio show the spread a gate has to live with.
+smallest and largest ratio show the spread a gate has to live with. Each artifact's block in a round
+starts with a couple of untimed runs: the one timed just before it has evicted its weights from the
+caches, and its runtime's worker threads may still be spinning down.
 """
 
 import statistics
@@ -18,6 +20,7 @@ from ssql_deploy.bench.schema import Latency, Speedup
 from ssql_deploy.progress import progress_bar
 
 Timer = Callable[[], None]  # one inference on inputs prepared beforehand
+ROUND_WARMUP = 2  # untimed runs at the start of each artifact's block in a round
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ def interleaved(timers: dict[str, Timer], warmup: int, runs: int, rounds: int, l
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 fn, times = timers[name], []
+                for _ in range(ROUND_WARMUP):
+                    fn()
                 for _ in range(per_round):
                     start = time.perf_counter()
                     fn()

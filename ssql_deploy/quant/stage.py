@@ -39,11 +39,10 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     if state is not None:
         recipe = resume_recipe(recipe, state, out_dir)
     model, meta, source_file = load_trained(recipe.source, recipe.arch, recipe.data, recipe.input_size)
+    model.eval()
+    gm = prepare(model, "ssql", config, model_spec(meta.arch))  # before any data: a config naming no module is refused at once
     source = model_data(meta, recipe.data, recipe.data_root, recipe.input_size, recipe.download)
     batches, calib_manifest = load_calibration(source, recipe.calib_size, recipe.calib_dir)
-
-    model.eval()
-    gm = prepare(model, "ssql", config, model_spec(meta.arch))
     calibrate(gm, batches, recipe.calib, recipe.percentile)
     loader = eval_loader(source, recipe.subset, recipe.batch_size, recipe.workers)
     cpu, one = torch.device("cpu"), DistInfo()
@@ -54,8 +53,8 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     calibration = {"calibrator": recipe.calib, "percentile": recipe.percentile, "calib_size": recipe.calib_size,
                    "calib_manifest": str(calib_manifest), "data": source.data, "data_root": root}  # fmt: skip
     info = {"calibration": calibration, "source": str(source_file)}
-    metrics: dict[str, Any] = {"bits": config.label, "config": config.describe(), "calibrator": recipe.calib, "fp32_top1": fp_top1, "simulated_top1": q_top1,
-                               "n_test_images": n, "data": source.describe()}  # fmt: skip
+    metrics: dict[str, Any] = {"bits": config.label, "config": config.describe(), "calibrator": recipe.calib, "fp32_top1": fp_top1,
+                               "simulated_top1": q_top1, "n_test_images": n, "data": source.describe()}  # fmt: skip
     if recipe.lsq:
         metrics["ptq_top1"] = q_top1
         metrics["lsq"] = train_lsq(gm, meta, recipe, source, batches[0], info, out_dir, state)
