@@ -3,11 +3,14 @@
 Each network, at its small-input variant (32x32), is fine-tuned from random init on all 60,000
 Fashion-MNIST training images (3 epochs, batch 128, SGD lr 0.05 cosine, wd 1e-4), then:
 - PTQ at w8a8 (percentile calibrator) and at w4a8 and w4a4 with every rounding calibrator
-  (minmax, percentile, mse, entropy), each exported for ONNX Runtime (`ort` layout);
+  (minmax, percentile, mse, entropy), each exported for ONNX Runtime (`ort` layout, symmetric kernel);
 - top-1 of the FP32 ONNX and of every QDQ ONNX model in an ONNX Runtime session on all 10,000
   test images, and the count of convolutions ONNX Runtime runs as integer kernels;
-- `ssql-deploy bench` of the FP32 ONNX, the w8a8 and the best w4a8 / w4a4 artifacts side by side
-  (2 threads, batch 1 and 32, interleaved rounds, speed-ups from paired rounds).
+- latency of the FP32 ONNX, the w8a8 artifact with each of ORT's two kernels (weight zero-point 0:
+  the symmetric conv kernel; -1: the QGEMM path `--ort-kernel auto` picks on a CPU with AMX-INT8)
+  and the best w4a8 and w4a4 artifacts, side by side: 2 threads, batch 1 and 32, 10 warm-up runs,
+  then 300 (batch 1) or 60 (batch 32) timed runs per artifact in 10 rounds rotating over the
+  artifacts (ssql_deploy.bench.timing, as `bench` times); speed-ups are medians of per-round ratios.
 
     .venv/bin/python benchmarks/families_int8.py               # everything (fine-tuning is reused once done)
     .venv/bin/python benchmarks/families_int8.py --train-only  # only the fine-tuning runs
@@ -25,10 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import onnx  # noqa: E402
 from ort_top1 import ort_top1  # noqa: E402
 
+from ssql_deploy.bench.runners import OrtRunner  # noqa: E402
+from ssql_deploy.bench.timing import interleaved, paired_speedup  # noqa: E402
 from ssql_deploy.export.ort_session import integer_conv_report  # noqa: E402
 
+THREADS = 2
 RESULTS = ROOT / "benchmarks/results"
 RUNS = ROOT / "runs/families"
 LOG = RESULTS / "families_int8.log"
@@ -56,16 +63,25 @@ def finetune(arch: str) -> Path:
     return run
 
 
-def quantize_export(run: Path, arch: str, bits: str, calib: str) -> dict:
+def quantize_export(run: Path, arch: str, bits: str, calib: str, kernel: str = "symmetric") -> dict:
     out = RUNS / f"{arch}-{calib}"
     seconds = cli("quantize", run, "--bits", bits, "--calib", calib, "--workers", "1", "--out", out)
-    cli("export", out, "--bits", bits, "--engine", "ort")
+    cli("export", out, "--bits", bits, "--engine", "ort", "--ort-kernel", kernel)
     path = out / f"export/{bits}-ort/model.qdq.onnx"
-    import onnx
-
     kernels = integer_conv_report(onnx.load(str(path)))
     return {"top1": ort_top1(path), "quantize_s": seconds, "integer_convs": kernels["integer_convs"], "convs": kernels["convs"],
-            "onnx": str(path.relative_to(ROOT))}  # fmt: skip
+            "float_ops": kernels["float_ops"], "onnx": str(path.relative_to(ROOT))}  # fmt: skip
+
+
+def timing(paths: dict[str, Path]) -> dict:
+    """p50 latency and the paired-round speed-up against the FP32 ONNX, per batch size."""
+    runners = {name: OrtRunner(path, THREADS) for name, path in paths.items()}
+    result: dict = {}
+    for batch, runs in ((1, 300), (32, 60)):
+        measured = interleaved({n: r.timer(batch, 32) for n, r in runners.items()}, 10, runs, 10, f"batch {batch}")
+        result[str(batch)] = {n: {"p50_ms": m.latency(batch).p50_ms, "speedup": paired_speedup("fp32", measured["fp32"], m).model_dump()}
+                              for n, m in measured.items()}  # fmt: skip
+    return result
 
 
 def measure(arch: str) -> dict:
@@ -73,17 +89,22 @@ def measure(arch: str) -> dict:
     rows: dict = {"w8a8": {"percentile": quantize_export(run, arch, "w8a8", "percentile")}}
     for bits in LOW_BITS:
         rows[bits] = {calib: quantize_export(run, arch, bits, calib) for calib in CALIBRATORS}
-    fp32 = ort_top1(RUNS / f"{arch}-percentile/export/fp32/model.onnx")
+    fp32_path = RUNS / f"{arch}-percentile/export/fp32/model.onnx"
+    gemm = RUNS / f"{arch}-percentile-gemm"
+    cli("export", RUNS / f"{arch}-percentile", "--bits", "w8a8", "--engine", "ort", "--ort-kernel", "gemm", "--out", gemm)
     best = {bits: max(r, key=lambda c, r=r: r[c]["top1"]) for bits, r in rows.items()}
-    timed = [RUNS / f"{arch}-percentile/export/fp32/model.onnx"] + [ROOT / rows[b][c]["onnx"] for b, c in best.items()]
-    bench_out = RUNS / f"{arch}-bench"
-    cli("bench", *timed, "--threads", "2", "--batch-sizes", "1,32", "--runs", "200", "--rounds", "10", "--workers", "1", "--out", bench_out)
-    report = json.loads((bench_out / "report.json").read_text())
-    speed = {r["name"]: {b: {"p50_ms": r["latency"][b]["p50_ms"], **({"speedup": r["speedup"][b]} if b in r["speedup"] else {})}
-                         for b in r["latency"]} for r in report["rows"]}  # fmt: skip
+    timed = {"fp32": fp32_path, "w8a8": ROOT / rows["w8a8"]["percentile"]["onnx"], "w8a8-gemm": gemm / "export/w8a8-ort/model.qdq.onnx"}
+    timed |= {bits: ROOT / rows[bits][best[bits]]["onnx"] for bits in LOW_BITS}
+    fp32 = ort_top1(fp32_path)
     manifest = json.loads((run / "finetune/manifest.json").read_text())
     return {"fp32_onnx_top1": fp32, "bits": rows, "best_calibrator": best, "drop_w8a8": round(fp32 - rows["w8a8"]["percentile"]["top1"], 2),
-            "latency": speed, "finetune_wall_s": manifest["metrics"].get("wall_seconds_this_session"), "env": report["env"]}  # fmt: skip
+            "latency": timing(timed), "finetune_wall_s": manifest["metrics"].get("wall_seconds_this_session")}  # fmt: skip
+
+
+def _cpu() -> str:
+    flags = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "unknown")
+    return f"{name}, AMX-INT8: {'amx_int8' in flags}, VNNI: {'avx512_vnni' in flags or 'avx_vnni' in flags}"
 
 
 def main() -> None:
@@ -99,7 +120,7 @@ def main() -> None:
     with LOG.open("a") as f:
         f.write(f"# measurement run, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     result = {"benchmark": "families_int8", "measured_on": "exported ONNX in ONNX Runtime (CPU, 2 threads), all 10k test images",
-              "finetune": " ".join(FINETUNE), "models": {arch: measure(arch) for arch in args.archs}}  # fmt: skip
+              "finetune": " ".join(FINETUNE), "cpu": _cpu(), "models": {arch: measure(arch) for arch in args.archs}}  # fmt: skip
     (RESULTS / "families_int8.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -105,6 +105,7 @@ Stem = Literal["auto", "cifar", "imagenet"]
 Schedule = Literal["step", "cosine"]
 Calibrator = Literal["minmax", "percentile", "mse", "entropy"]
 OrtKernel = Literal["auto", "gemm", "symmetric"]
+Reconstruction = Literal["adaround", "brecq", "qdrop"]
 LsqInit = Literal["calibrated", "lsq"]
 
 # SSQL reference settings (SSQL.md): linear eval 100 epochs, lr 30, wd 0, steps at 60/80;
@@ -187,6 +188,11 @@ class QuantizeRecipe(DataRecipe):
     calib_dir: Directory = Path("calib")
     batch_size: int = Field(default=256, ge=1)
     out: Directory | None = None  # default: the source run directory
+    # rounding reconstruction and bias correction after the calibration above (quant/recon/)
+    reconstruct: Reconstruction | None = None
+    iters: int | None = Field(default=None, ge=1)  # steps per unit; default 500 with --reconstruct
+    recon_size: int = Field(default=1024, ge=1)  # calibration images the reconstruction learns from
+    bias_correction: bool = False
     # LSQ quantization-aware training, seeded from the calibration above
     lsq: bool = False
     epochs: int | None = None
@@ -209,7 +215,26 @@ class QuantizeRecipe(DataRecipe):
             )
         if not self.lsq and (self.epochs is not None or self.train_steps_only or self.freeze_bn_after is not None):
             raise UserError("--epochs, --train-steps-only and --freeze-bn-after apply only to LSQ training", "add --lsq")
+        if self.lsq and (self.reconstruct or self.bias_correction):
+            raise UserError("--lsq trains weights and step sizes; --reconstruct and --bias-correction fix them without training",
+                            "choose one: --lsq, or --reconstruct / --bias-correction")  # fmt: skip
+        if self.reconstruct is None and self.iters is not None:
+            raise UserError("--iters applies only to a reconstruction", "add --reconstruct adaround|brecq|qdrop")
+        if self.reconstruct is not None and self.iters is None:
+            self.iters = 500
         return self
+
+    def methods(self) -> tuple[str, ...]:
+        """What is done beyond calibration, as the quantized model's name says it (w4a4-brecq-bc, w4a4-lsq)."""
+        done = (self.reconstruct, "bc" if self.bias_correction else None, "lsq" if self.lsq else None)
+        return tuple(m for m in done if m)
+
+    def variant(self) -> str:
+        """The quantized model's name: its config's label, then `methods`."""
+        from ssql_deploy.quant.config import QuantConfig
+        from ssql_deploy.run_layout import variant
+
+        return variant(QuantConfig.from_bits(self.bits, self.layer_bits).label, *self.methods())
 
 
 class ExportRecipe(Recipe):

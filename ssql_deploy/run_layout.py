@@ -22,10 +22,10 @@ BEST, LAST, BACKBONE = "best.pt", "last.pt", "backbone.pt"
 QUANT_FILE, FP32_FILE, TWIN_FILE, PARITY_FILE = "quantized.pt", "model.onnx", "twin.pt", "parity.json"
 
 
-def variant(label: str, lsq: bool) -> str:
-    """How a quantized model is named in directories and reports: its config's label (`w4a4`, `w4a4-1a2b3c`),
-    with `-lsq` after quantization-aware training."""
-    return f"{label}-lsq" if lsq else label
+def variant(label: str, *methods: str) -> str:
+    """How a quantized model is named in directories and reports: its config's label (`w4a4`, `w4a4-1a2b3c`), then
+    what was done beyond calibration (`w4a4-brecq`, `w4a4-bc`, `w4a4-lsq`)."""
+    return "-".join([label, *methods])
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def test_the_artifact_stores_and_reloads_the_resolved_table(tmp_path: Path, fmni
     calibrate(gm, [fmnist_batch], "minmax")
     meta = ModelMeta.for_data("test_efficientnet", "cifar", 10, DataSource.of("fashion-mnist", fmnist_root, 32))
     path = tmp_path / "quantized.pt"
-    save_quantized(path, gm, meta, {"calibration": {}})
+    save_quantized(path, gm, meta, config.label, False, {"calibration": {}})
     loaded = load_quantized(path)
     assert loaded.gm.quant_label == config.label and loaded.saved["table"]["weights"][0]["w"] == 8
     for name, q in act_quantizers(gm).items():

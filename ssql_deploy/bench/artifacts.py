@@ -19,7 +19,8 @@ from ssql_deploy.export.stage import META_KEY, ExportMetrics
 from ssql_deploy.manifest import read_manifest, unverified_reason
 from ssql_deploy.models.checkpoint import load_checkpoint
 from ssql_deploy.models.trained import ModelMeta
-from ssql_deploy.run_layout import FP32_FILE, TWIN_FILE, ExportKey, RunLayout, variant
+from ssql_deploy.quant.artifact import saved_variant
+from ssql_deploy.run_layout import FP32_FILE, TWIN_FILE, ExportKey, RunLayout
 from ssql_deploy.runtimes import ENGINES, QDQ_FILE, RUNTIMES, RuntimeName
 
 
@@ -119,7 +120,7 @@ def from_file(path: Path) -> Artifact:
         )
     meta = ModelMeta.from_checkpoint(obj)
     if obj.get("kind") == "quantized":
-        label = variant(obj.get("label", obj["bits"]), obj["lsq"])
+        label = saved_variant(obj)
         return _trust(Artifact(f"torch-{label}", "torch", label, "torch-fakequant", path, meta))
     return _trust(Artifact(RUNTIMES["torch"].baseline, "torch", "fp32", "torch-float", path, meta))
 

@@ -11,7 +11,7 @@ from ssql_deploy.cli.options import RecipeOpt, SubsetOpt, WorkersOpt, int_list, 
 from ssql_deploy.errors import UserError
 from ssql_deploy.progress import results
 from ssql_deploy.quant.bits import BitSpec
-from ssql_deploy.recipe import Calibrator, ExportRecipe, LsqInit, OrtKernel, QuantizeRecipe
+from ssql_deploy.recipe import Calibrator, ExportRecipe, LsqInit, OrtKernel, QuantizeRecipe, Reconstruction
 from ssql_deploy.runtimes import ENGINES, RUNTIMES, Engine, engine_help
 
 Q, E = QuantizeRecipe, ExportRecipe
@@ -37,6 +37,13 @@ def quantize_cmd(
     input_size: Annotated[int | None, recipe_option(Q, "input_size", "Input resolution.", default="the model's")] = None,
     subset: SubsetOpt = None,
     workers: WorkersOpt = None,
+    reconstruct: Annotated[Reconstruction | None, recipe_option(Q, "reconstruct", "Then learn the weights' rounding on unlabelled "
+                           "calibration images: adaround (per layer), brecq or qdrop (per block, activation steps too).", default="none")] = None,
+    iters: Annotated[int | None, recipe_option(Q, "iters", "Reconstruction steps per layer or block (with --reconstruct).",
+                                               default="500 with --reconstruct")] = None,
+    recon_size: Annotated[int | None, recipe_option(Q, "recon_size", "Calibration images the reconstruction and the bias correction learn from.")] = None,
+    bias_correction: Annotated[bool | None, recipe_option(Q, "bias_correction", "Remove the mean output shift quantized weights add to each "
+                               "conv (after --reconstruct, if given).", "--bias-correction/--no-bias-correction")] = None,
     lsq: Annotated[bool | None, recipe_option(Q, "lsq", "Then train LSQ step sizes (quantization-aware training) from that calibration.",
                                               "--lsq/--no-lsq")] = None,
     epochs: Annotated[int | None, recipe_option(Q, "epochs", "LSQ training epochs (with --lsq).", default="none: required with --lsq")] = None,
@@ -58,13 +65,16 @@ def quantize_cmd(
     settings = QuantizeRecipe.build(
         recipe, source=source or ckpt, bits=bits, layer_bits=layer_bits, calib=calib, percentile=percentile, calib_size=calib_size,
         calib_dir=calib_dir, arch=arch, data=data, data_root=data_root, input_size=input_size, subset=subset, workers=workers,
-        out=out, lsq=lsq, epochs=epochs, lr=lr, lsq_init=lsq_init, freeze_bn_after=freeze_bn_after,
-        train_steps_only=train_steps_only, batch_size=batch_size, seed=seed,
+        out=out, reconstruct=reconstruct, iters=iters, recon_size=recon_size, bias_correction=bias_correction, lsq=lsq, epochs=epochs,
+        lr=lr, lsq_init=lsq_init, freeze_bn_after=freeze_bn_after, train_steps_only=train_steps_only, batch_size=batch_size, seed=seed,
     )  # fmt: skip
     from ssql_deploy.quant.stage import run_quantize
 
     metrics = run_quantize(settings, resume=resume)
-    how = f"{metrics['calibrator']} calibration" + (f" + LSQ {settings.epochs} epochs" if settings.lsq else "")
+    how = f"{metrics['calibrator']} calibration" + (
+        f" + {settings.reconstruct}, {settings.iters} steps per unit" if settings.reconstruct else ""
+    )
+    how += (" + bias correction" if settings.bias_correction else "") + (f" + LSQ {settings.epochs} epochs" if settings.lsq else "")
     table = Table(title=f"quantized {metrics['bits']} ({how})")
     for col in ("bits", "float top-1", *(["PTQ top-1"] if settings.lsq else []), "simulated top-1", "drop", "images", "saved in"):
         table.add_column(col)
@@ -73,6 +83,14 @@ def quantize_cmd(
                   f"{metrics['drop_points']:.2f}", str(metrics["n_test_images"]), metrics["out_dir"])  # fmt: skip
     results.print(table)
     results.print(layer_table(metrics["layers"], metrics["bits"], BitSpec.parse(settings.bits)))
+    if "reconstruction" in metrics:
+        units = Table(title=f"{settings.reconstruct}: squared output error per unit on calibration images ({metrics['adjust_seconds']} s)")
+        for col in ("unit", "convs", "rounded to nearest", "learned rounding"):
+            units.add_column(col, justify="left" if col == "unit" else "right")
+        for u in metrics["reconstruction"]["units"]:
+            learned = f"{u['error_learned']:.4g}" + ("" if u["kept"] else " (worse: nearest kept)")
+            units.add_row(u["unit"], str(len(u["layers"])), f"{u['error_nearest']:.4g}", learned)
+        results.print(units)
 
 
 def layer_table(layers: dict[str, list[dict[str, Any]]], label: str, default: BitSpec, limit: int = 40) -> Table:
@@ -80,7 +98,10 @@ def layer_table(layers: dict[str, list[dict[str, Any]]], label: str, default: Bi
     (the manifest holds them all)."""
     rows = []
     for w in layers["weights"]:
-        what = "conv" if w["groups"] == 1 else f"conv, {w['groups']} groups"
+        what = ("conv" if w["groups"] == 1 else f"conv, {w['groups']} groups") + (
+            ", learned rounding" if w.get("rounding") == "learned" else ""
+        )
+        what += ", bias corrected" if w.get("bias_corrected") else ""
         rows.append((w["layer"], what, "float" if w["w"] is None else f"w{w['w']}", w["w"] == default.w, ""))
     for a in layers["activations"]:
         lo, hi = a["range"]

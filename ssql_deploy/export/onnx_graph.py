@@ -220,7 +220,8 @@ class _Emitter:
 
     def conv(self, node: fx.Node, m: nn.Conv2d, x: _Value) -> _Value:
         weight = m.weight.detach().float()
-        bias = m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_channels)
+        own_bias = m.effective_bias() if isinstance(m, QuantConv2d) else m.bias
+        bias = own_bias.detach().float() if own_bias is not None else torch.zeros(m.out_channels)
         users = list(node.users)
         bn = self.module(users[0]) if len(users) == 1 and users[0].op == "call_module" else None
         fold = self.rules.fold_bn and isinstance(bn, nn.BatchNorm2d)

@@ -25,14 +25,14 @@ from ssql_deploy.export.tensorrt_engine import build_engine, tensorrt_status, tr
 from ssql_deploy.manifest import Manifest, read_manifest, unverified_reason, write_manifest
 from ssql_deploy.models.checkpoint import save_atomic
 from ssql_deploy.models.trained import ModelMeta
-from ssql_deploy.quant.artifact import find_quantized, load_quantized, twin_payload
+from ssql_deploy.quant.artifact import find_quantized, load_quantized, saved_variant, twin_payload
 from ssql_deploy.quant.calib_set import load_calibration
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.layouts import LAYOUTS
 from ssql_deploy.quant.placement import ActPoint, trace
 from ssql_deploy.recipe import ExportRecipe
 from ssql_deploy.run import atomic_open, write_text_atomic
-from ssql_deploy.run_layout import FP32_FILE, PARITY_FILE, TWIN_FILE, ExportKey, RunLayout, variant
+from ssql_deploy.run_layout import FP32_FILE, PARITY_FILE, TWIN_FILE, ExportKey, RunLayout
 from ssql_deploy.runtimes import ENGINES, QDQ_FILE, Engine
 
 STAGE = "export"
@@ -128,7 +128,7 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     if missing:
         calibrate(gm, batches, cal["calibrator"], cal["percentile"], points=sorted(missing))
     run_dir = recipe.out or (recipe.source if recipe.source.is_dir() else RunLayout.of_quantized(qpath).root)
-    label = variant(saved.get("label", saved["bits"]), saved["lsq"])
+    label = saved_variant(saved)
     out_dir = RunLayout(run_dir).export(ExportKey(label, engine.name))
     chw = (3, meta.input_size, meta.input_size)
 

@@ -10,9 +10,8 @@ from typing import Any
 
 from ssql_deploy.bench.gate import GateSpec, parse_gates
 from ssql_deploy.errors import UserError
-from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.recipe import BenchRecipe, ExportRecipe, FinetuneRecipe, PipelineRecipe, PretrainRecipe, QuantizeRecipe, validate
-from ssql_deploy.run_layout import RunLayout, variant
+from ssql_deploy.run_layout import RunLayout
 from ssql_deploy.runtimes import ENGINES, Engine, row_names
 
 
@@ -58,10 +57,7 @@ def _exports(recipe: PipelineRecipe, quantize: list[QuantizeRecipe], out: Path, 
     for q in quantize:
         for engine in engines if isinstance(engines, list) else [engines]:
             own = {k: v for k, v in data.items() if k not in others or k in ENGINES.get(engine, ENGINES["ort"]).options}
-            label = QuantConfig.from_bits(q.bits, q.layer_bits).label
-            exports.append(
-                validate(ExportRecipe, own | {"source": out, "bits": label, "lsq": q.lsq, "engine": engine}, f"{source} [export]")
-            )
+            exports.append(validate(ExportRecipe, own | {"source": out, "bits": q.variant(), "engine": engine}, f"{source} [export]"))
     return exports
 
 
@@ -82,7 +78,7 @@ def plan_pipeline(recipe: PipelineRecipe, source: str) -> PipelinePlan:
             gates = parse_gates(g.min_top1, g.max_drop, g.max_latency_ms, g.min_speedup)
         except UserError as exc:
             raise UserError(f"{source} [gate]: {exc.problem}", exc.fix) from None
-        variants = list(dict.fromkeys(variant(QuantConfig.from_bits(q.bits, q.layer_bits).label, q.lsq) for q in quantize))
+        variants = list(dict.fromkeys(q.variant() for q in quantize))
         _check_gate_targets(gates, variants, [e.engine for e in exports], source)
     return PipelinePlan(out, pretrain, finetune, quantize, exports, bench, gates, recipe.gate.strict if recipe.gate else False)
 

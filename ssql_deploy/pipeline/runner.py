@@ -20,11 +20,10 @@ from ssql_deploy.models.checkpoint import load_checkpoint
 from ssql_deploy.pipeline.plan import PipelinePlan
 from ssql_deploy.pretrain.trainer import run_pretrain
 from ssql_deploy.progress import console
-from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.quant.stage import run_quantize
 from ssql_deploy.recipe import Recipe
 from ssql_deploy.run import sha256_file
-from ssql_deploy.run_layout import LAST, RunLayout, resolve_checkpoint, variant
+from ssql_deploy.run_layout import LAST, RunLayout, resolve_checkpoint
 from ssql_deploy.train_state import RESUME_FREE, describe_differences, setting_differences
 
 
@@ -78,13 +77,13 @@ def run_pipeline(plan: PipelinePlan, force: bool = False) -> tuple[dict[str, Any
     start = {"ckpt": resolve_checkpoint(finetune.ckpt, RunLayout.start_candidates)} if finetune.ckpt is not None else {}
     _train_once(RunLayout(plan.out).finetune, finetune, start, lambda resume: run_finetune(finetune, resume=resume), force)
     for q in plan.quantize:
-        name = variant(QuantConfig.from_bits(q.bits, q.layer_bits).label, q.lsq)
+        name = q.variant()
         _stage(f"quantize {name}" + (f" ({len(q.layer_bits)} layer overrides)" if q.layer_bits else ""))
         if q.lsq:  # a training stage: reused, resumed or refused like the others
             _train_once(RunLayout(plan.out).quant(name), q, {}, lambda resume, q=q: run_quantize(q, resume=resume), force)
         else:
             run_quantize(q)
-        for export in (x for x in plan.exports if variant(x.bits or "", x.lsq) == name):
+        for export in (x for x in plan.exports if x.bits == name):
             _stage(f"export {name} for {export.engine}")
             run_export(export)
     _stage("bench")

@@ -31,11 +31,12 @@ def find_quantized(run_dir: Path, label: str | None, lsq: bool = False) -> Path:
     run = RunLayout(run_dir)
     found = run.quantized_models()
     if label is not None:
-        path = run.quantized(variant(label, lsq))
+        path = run.quantized(variant(label, *(["lsq"] if lsq else [])))
         if not path.is_file():
             how = f"--bits {label}" + (" --lsq --epochs N" if lsq else "")
             have = f" (it has {', '.join(p.parent.name for p in found)})" if found else ""
-            raise UserError(f"{run_dir} has no {variant(label, lsq)} model{have}", f"run `ssql-deploy quantize {run_dir} {how}` first")
+            name = variant(label, *(["lsq"] if lsq else []))
+            raise UserError(f"{run_dir} has no {name} model{have}", f"run `ssql-deploy quantize {run_dir} {how}` first")
         return path
     if not found:
         raise UserError(f"{run_dir} holds no quantized model", f"run `ssql-deploy quantize {run_dir} --bits w8a8` first")
@@ -45,17 +46,21 @@ def find_quantized(run_dir: Path, label: str | None, lsq: bool = False) -> Path:
     return found[0]
 
 
-def quantized_payload(kind: str, gm: fx.GraphModule, meta: ModelMeta, **info: Any) -> dict[str, Any]:
-    """The model, its config and the resolved per-layer table it produced (reloaded and checked by load_quantized)."""
-    points = {name: {"bits": q.bits, "signed": q.signed} for name, q in act_quantizers(gm).items()}
-    lsq = any(q.step is not None for q in act_quantizers(gm).values())
+def quantized_payload(kind: str, gm: fx.GraphModule, meta: ModelMeta, name: str, lsq: bool, **info: Any) -> dict[str, Any]:
+    """The model, its name, its config and the resolved per-layer table it produced (reloaded and checked by load_quantized)."""
+    points = {point: {"bits": q.bits, "signed": q.signed} for point, q in act_quantizers(gm).items()}
     config: QuantConfig = gm.quant_config  # type: ignore[assignment]
-    return model_payload(kind, gm, meta, bits=str(config.default), label=config.label, config=config.model_dump(mode="json"),
+    return model_payload(kind, gm, meta, bits=str(config.default), label=config.label, variant=name, config=config.model_dump(mode="json"),
                          table=layer_table(gm), layout=gm.quant_layout, points=points, lsq=lsq, **info)  # fmt: skip
 
 
-def save_quantized(path: Path, gm: fx.GraphModule, meta: ModelMeta, info: dict[str, Any]) -> None:
-    save_atomic(quantized_payload("quantized", gm, meta, **info), path)
+def save_quantized(path: Path, gm: fx.GraphModule, meta: ModelMeta, name: str, lsq: bool, info: dict[str, Any]) -> None:
+    save_atomic(quantized_payload("quantized", gm, meta, name, lsq, **info), path)
+
+
+def saved_variant(obj: dict[str, Any]) -> str:
+    """A saved quantized model's name; files from before names were stored are named from their label and LSQ flag."""
+    return str(obj["variant"]) if "variant" in obj else variant(obj.get("label", obj["bits"]), *(["lsq"] if obj["lsq"] else []))
 
 
 def _widths(table: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], ...]:
@@ -105,10 +110,17 @@ def restore_quant_state(gm: fx.GraphModule, sd: dict[str, torch.Tensor], saved: 
     """Copy ranges and learned steps into `gm`'s quantizers; return the points left uncalibrated."""
     gains: dict[str, torch.Tensor] = getattr(gm, "fold_gains", {})
     for layer, wq in weight_quantizers(gm).items():
+        # A folded conv's channels are scaled by gain: steps and scales by |gain|, integers by its sign, biases by gain.
+        gain = gains.get(layer, torch.ones(gm.get_submodule(layer).out_channels))
         step = sd.get(f"{layer}.weight_quantizer.step")
-        if step is not None:  # a folded conv's channels are scaled by |gain|, and so are their steps
-            gain = gains.get(layer)
-            wq.step = nn.Parameter(step.clone() * (gain.abs().clamp_min(1e-12) if gain is not None else 1.0))
+        if step is not None:
+            wq.step = nn.Parameter(step.clone() * gain.abs().clamp_min(1e-12))
+        fixed, fixed_scale = sd.get(f"{layer}.weight_quantizer.fixed"), sd.get(f"{layer}.weight_quantizer.fixed_scale")
+        if fixed is not None and fixed_scale is not None:
+            wq.fix(fixed.float() * torch.sign(gain).reshape(-1, *([1] * (fixed.dim() - 1))), fixed_scale * gain.abs().clamp_min(1e-12))
+        correction = sd.get(f"{layer}.bias_correction")
+        if correction is not None:
+            gm.get_submodule(layer).bias_correction = correction.clone() * gain
     missing = set()
     for point, q in act_quantizers(gm).items():
         key = quantizer_name(point)

@@ -90,7 +90,7 @@ def train_lsq(
     record = settings_record(recipe)
 
     def payload(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
-        return quantized_payload(kind, gm, meta, **info, **record, **extra)
+        return quantized_payload(kind, gm, meta, recipe.variant(), True, **info, **record, **extra)
 
     metrics = fit_classifier(gm, optimizer, loaders, sched, one, out_dir, STAGE, payload, state, _train_mode(gm, recipe.freeze_bn_after))
     best = load_checkpoint(out_dir / BEST)

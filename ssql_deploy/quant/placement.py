@@ -251,8 +251,14 @@ def layer_table(gm: fx.GraphModule) -> dict[str, list[dict[str, object]]]:
     """The resolved per-layer table: every conv with its weight bits and scheme, every activation point with its
     bits, grid and (once calibrated) range. What the artifact stores and the CLI prints."""
     acts = act_quantizers(gm)
-    weights = [{"layer": layer, "w": bits, "scheme": "per output channel, symmetric" if bits else "float",
-                "groups": int(gm.get_submodule(layer).groups)} for layer, bits in gm.quant_weights.items()]  # type: ignore[attr-defined]  # fmt: skip
+    weights = []
+    for layer, bits in gm.quant_weights.items():  # type: ignore[attr-defined]
+        conv = gm.get_submodule(layer)
+        row = {"layer": layer, "w": bits, "scheme": "per output channel, symmetric" if bits else "float", "groups": int(conv.groups)}
+        if isinstance(conv, QuantConv2d):
+            row |= {"rounding": "learned" if conv.weight_quantizer.fixed is not None else "nearest",
+                    "bias_corrected": conv.bias_correction is not None}  # fmt: skip
+        weights.append(row)
     points = []
     for p in gm.quant_points.values():  # type: ignore[attr-defined]
         q = acts[p.node]

@@ -98,34 +98,63 @@ def fake_quant(
     return _FakeQuant.apply(x, scale, zero_point, qmin, qmax, relu)
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (x.round() - x).detach() + x
+class _LsqFakeQuant(torch.autograd.Function):
+    """Learned step size quantization (Esser et al. 2020) as one function: STE through round, LSQ's step gradient.
 
+    Written out rather than composed from autograd ops (divide, clamp, round-with-STE, multiply, the
+    gradient-scale trick): composed, each op keeps its own copy of the tensor for backward and runs
+    its own pass, and rounding reconstruction runs this on every activation of a block per step.
+    d out / d x = 1 where x / s lies in [qmin, qmax], else 0; d out / d s = round(x/s) - x/s inside,
+    qmin or qmax outside, times the gradient scale.
+    """
 
-def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity forward, gradient multiplied by `factor` (LSQ's step-size gradient scale)."""
-    scaled = x * factor
-    return (x - scaled).detach() + scaled
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float) -> torch.Tensor:
+        ctx.save_for_backward(x, step)
+        ctx.bounds = (qmin, qmax, grad_factor)
+        return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, step = ctx.saved_tensors
+        qmin, qmax, factor = ctx.bounds
+        u = torch.div(x, step)
+        inside = (u >= qmin) & (u <= qmax)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            clamped = u.clamp_(qmin, qmax)
+            d_step = torch.where(inside, clamped.round() - clamped, clamped)
+            grad_step = (grad * d_step).sum_to_size(step.shape) * factor
+        return grad_x, grad_step, None, None, None
 
 
 def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float) -> torch.Tensor:
-    """Learned step size quantization (Esser et al. 2020): STE through round, LSQ gradient for `step`."""
-    s = _scale_grad(step, grad_factor)
-    return _round_ste(torch.clamp(x / s, qmin, qmax)) * s
+    """Learned step size quantization: `step` broadcasts to x (per tensor or per channel)."""
+    return _LsqFakeQuant.apply(x, step, qmin, qmax, grad_factor)
 
 
 class WeightQuantizer(nn.Module):
     """Per-output-channel symmetric signed weight quantizer.
 
     Without a learned step the scale follows the current weights every call (SSQL's PSQ, which is
-    also min-max PTQ for weights); `init_lsq` turns the scale into a learned parameter.
+    also min-max PTQ for weights); `init_lsq` turns the scale into a learned parameter. Rounding
+    reconstruction (recon/) learns the rounding of each weight against a fixed scale (`rounding`,
+    an AdaRound), then `fix` keeps the chosen integers and that scale: from then on the quantizer
+    returns exactly them, whatever the float weights (which the float model still shares) hold.
     """
+
+    fixed: torch.Tensor | None  # the reconstructed integers (int8), with their scale in `fixed_scale`
+    fixed_scale: torch.Tensor | None
 
     def __init__(self, bits: int) -> None:
         super().__init__()
         self.bits = bits
         self.enabled = True
         self.step: nn.Parameter | None = None
+        self.rounding: nn.Module | None = None  # an AdaRound while its rounding is being learned
+        self.register_buffer("fixed", None)
+        self.register_buffer("fixed_scale", None)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -136,7 +165,15 @@ class WeightQuantizer(nn.Module):
         return amax / ((2**self.bits - 1) / 2)
 
     def scale(self, w: torch.Tensor) -> torch.Tensor:
+        if self.fixed_scale is not None:
+            return self.fixed_scale
         return self.minmax_scale(w) if self.step is None else self.step.detach().abs().clamp_min(_EPS)
+
+    def fix(self, integers: torch.Tensor, scale: torch.Tensor) -> None:
+        """Keep these integers (one output channel per row) and per-channel scale as the quantized weight."""
+        self.fixed = integers.detach().round().clamp(*self.qrange).to(torch.int8)
+        self.fixed_scale = scale.detach().float().reshape(-1).clone()
+        self.rounding = None
 
     def init_lsq(self, w: torch.Tensor, rule: str = "calibrated") -> None:
         """Seed the learned step from the PTQ range (default) or LSQ's 2*mean|w|/sqrt(Qp) rule."""
@@ -147,6 +184,10 @@ class WeightQuantizer(nn.Module):
         self.step = nn.Parameter(init.clamp_min(_EPS))
 
     def integers(self, w: torch.Tensor) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed.float()
+        if self.rounding is not None:
+            return self.rounding(hard=True).detach()  # type: ignore[operator]
         qmin, qmax = self.qrange
         return torch.clamp(torch.round(w.detach() / self._view(self.scale(w), w)), qmin, qmax)
 
@@ -157,6 +198,10 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
+        if self.fixed is not None:
+            return self.fixed.to(w.dtype) * self._view(self.fixed_scale, w)  # type: ignore[arg-type]
+        if self.rounding is not None:
+            return self.rounding() * self._view(self.scale(w), w)
         qmin, qmax = self.qrange
         if self.step is not None:
             factor = 1.0 / math.sqrt(w[0].numel() * qmax)
@@ -164,7 +209,7 @@ class WeightQuantizer(nn.Module):
         return fake_quant(w, self._view(self.minmax_scale(w), w), None, qmin, qmax)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, lsq={self.step is not None}"
+        return f"bits={self.bits}, lsq={self.step is not None}, fixed={self.fixed is not None}"
 
 
 class ActQuantizer(nn.Module):
@@ -186,6 +231,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("lo", torch.tensor(0.0))
         self.register_buffer("hi", torch.tensor(0.0))
         self.step: nn.Parameter | None = None
+        self.drop_prob = 0.0  # QDrop, during reconstruction only: the share of values passed on unquantized
+        self.drop_generator: torch.Generator | None = None
 
     def reset_range(self) -> None:
         self.lo.fill_(math.inf)
@@ -238,11 +285,17 @@ class ActQuantizer(nn.Module):
         if self.step is not None:
             qmin, qmax = self.qrange
             factor = 1.0 / math.sqrt(x[0].numel() * qmax)
-            return lsq_fake_quant(x, self.step.abs().clamp_min(_EPS), qmin, qmax, factor)
+            return self._dropped(x, lsq_fake_quant(x, self.step.abs().clamp_min(_EPS), qmin, qmax, factor))
         p = self.qparams()
         # A post-ReLU range starts at 0 and a signed one is symmetric: their zero-point is 0, no need to apply it.
         zero = None if self.signed or self.nonnegative else p.zero_point.to(x.dtype)
-        return fake_quant(x, p.scale, zero, p.qmin, p.qmax)
+        return self._dropped(x, fake_quant(x, p.scale, zero, p.qmin, p.qmax))
+
+    def _dropped(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob <= 0:
+            return q
+        keep = torch.rand(x.shape, generator=self.drop_generator, dtype=x.dtype) < self.drop_prob
+        return torch.where(keep, x, q)
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
@@ -258,6 +311,7 @@ class QuantConv2d(nn.Conv2d):
 
     weight_quantizer: WeightQuantizer
     _input_quantizer: "list[ActQuantizer]"
+    bias_correction: torch.Tensor | None  # per output channel, added to the bias (bias_correction.py)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int) -> "QuantConv2d":
@@ -274,19 +328,26 @@ class QuantConv2d(nn.Conv2d):
         )
         q.weight, q.bias = conv.weight, conv.bias
         q.weight_quantizer = WeightQuantizer(bits)
+        q.register_buffer("bias_correction", None)
         return q
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The float bias with the bias correction (if any) applied: what the quantized layer adds."""
+        if self.bias_correction is None:
+            return self.bias
+        return self.bias_correction if self.bias is None else self.bias + self.bias_correction
 
     def quantize_bias_with(self, input_quantizer: ActQuantizer) -> None:
         self._input_quantizer = [input_quantizer]  # a list, so it is not registered as a submodule
 
     def bias_scale(self) -> torch.Tensor | None:
         source = getattr(self, "_input_quantizer", None)
-        if source is None or self.bias is None or not (source[0].enabled and self.weight_quantizer.enabled):
+        if source is None or self.effective_bias() is None or not (source[0].enabled and self.weight_quantizer.enabled):
             return None
         return source[0].qparams().scale * self.weight_quantizer.scale(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias, scale = self.bias, self.bias_scale()
+        bias, scale = self.effective_bias(), self.bias_scale()
         if bias is not None and scale is not None:
             bias = bias + (torch.round(bias / scale) * scale - bias).detach()
         return self._conv_forward(x, self.weight_quantizer(self.weight), bias)

@@ -1,9 +1,12 @@
 """`ssql-deploy quantize`: calibrate a trained model at a bit-width and measure the simulation."""
 
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ssql_deploy.data import DataSource
 from ssql_deploy.distributed import DistInfo
 from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import eval_loader, evaluate_top1, model_data
@@ -18,11 +21,30 @@ from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.quant.lsq import STAGE as LSQ_STAGE
 from ssql_deploy.quant.lsq import train_lsq
 from ssql_deploy.quant.placement import layer_table, prepare
+from ssql_deploy.quant.recon.bias_correction import correct_biases
+from ssql_deploy.quant.recon.reconstruct import ReconSettings, reconstruct
 from ssql_deploy.recipe import QuantizeRecipe
-from ssql_deploy.run_layout import QUANT_FILE, RunLayout, variant
+from ssql_deploy.run_layout import QUANT_FILE, RunLayout
 from ssql_deploy.train_state import resume_recipe
 
 STAGE = "quantize"
+
+
+def _reconstruct(gm: torch.fx.GraphModule, recipe: QuantizeRecipe, source: DataSource, inputs: dict[str, Path]) -> dict[str, Any]:
+    """Rounding reconstruction and/or bias correction on the calibration images of `recipe.recon_size` (no labels)."""
+    images, manifest = load_calibration(source, recipe.recon_size, recipe.calib_dir)
+    inputs["recon_manifest"] = manifest
+    done: dict[str, Any] = {}
+    start = time.time()
+    if recipe.reconstruct is not None:
+        assert recipe.iters is not None
+        settings = ReconSettings(recipe.reconstruct, iters=recipe.iters, seed=recipe.seed)
+        done["reconstruction"] = {"method": recipe.reconstruct, "iters": recipe.iters, "images": recipe.recon_size,
+                                  "units": reconstruct(gm, images, settings)}  # fmt: skip
+    if recipe.bias_correction:
+        done["bias_correction"] = correct_biases(gm, images)
+    done["adjust_seconds"] = round(time.time() - start, 1)
+    return done
 
 
 def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]:
@@ -32,7 +54,8 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     if recipe.out is None and not recipe.source.is_dir():
         raise UserError("--out is needed when quantizing a checkpoint file", "pass --out RUN_DIR")
     run_dir = recipe.out or recipe.source
-    out_dir = RunLayout(run_dir).quant(variant(config.label, recipe.lsq))
+    name = recipe.variant()
+    out_dir = RunLayout(run_dir).quant(name)
     state = refuse_or_resume(out_dir, LSQ_STAGE, resume) if recipe.lsq else None
     if resume and not recipe.lsq:
         raise UserError("--resume continues an interrupted LSQ training; post-training quantization has nothing to resume", "add --lsq")
@@ -44,25 +67,27 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     source = model_data(meta, recipe.data, recipe.data_root, recipe.input_size, recipe.download)
     batches, calib_manifest = load_calibration(source, recipe.calib_size, recipe.calib_dir)
     calibrate(gm, batches, recipe.calib, recipe.percentile)
+    inputs: dict[str, Path] = {"model": source_file, "calib_manifest": calib_manifest}
+    adjusted = _reconstruct(gm, recipe, source, inputs) if recipe.reconstruct or recipe.bias_correction else {}
     loader = eval_loader(source, recipe.subset, recipe.batch_size, recipe.workers)
     cpu, one = torch.device("cpu"), DistInfo()
     fp_top1, n = evaluate_top1(model, loader, cpu, one, "float top-1")
-    q_top1, _ = evaluate_top1(gm, loader, cpu, one, f"{config.label} simulated top-1")
+    q_top1, _ = evaluate_top1(gm, loader, cpu, one, f"{name} simulated top-1")
 
     root = None if source.root is None else str(source.root.resolve())
     calibration = {"calibrator": recipe.calib, "percentile": recipe.percentile, "calib_size": recipe.calib_size,
                    "calib_manifest": str(calib_manifest), "data": source.data, "data_root": root}  # fmt: skip
     info = {"calibration": calibration, "source": str(source_file)}
-    metrics: dict[str, Any] = {"bits": config.label, "config": config.describe(), "calibrator": recipe.calib, "fp32_top1": fp_top1,
-                               "simulated_top1": q_top1, "n_test_images": n, "data": source.describe()}  # fmt: skip
+    metrics: dict[str, Any] = {"bits": name, "config": config.describe(), "calibrator": recipe.calib, "fp32_top1": fp_top1,
+                               "simulated_top1": q_top1, "n_test_images": n, "data": source.describe(), **adjusted}  # fmt: skip
     if recipe.lsq:
         metrics["ptq_top1"] = q_top1
         metrics["lsq"] = train_lsq(gm, meta, recipe, source, batches[0], info, out_dir, state)
         metrics["simulated_top1"] = metrics["lsq"]["best_top1"]
     metrics["drop_points"] = fp_top1 - metrics["simulated_top1"]
     metrics["layers"] = layer_table(gm)
-    save_quantized(out_dir / QUANT_FILE, gm, meta, info)
-    write_manifest(out_dir, STAGE, {"model": source_file, "calib_manifest": calib_manifest},
+    save_quantized(out_dir / QUANT_FILE, gm, meta, name, recipe.lsq, info)
+    write_manifest(out_dir, STAGE, inputs,
                    recipe.model_dump(mode="json") | {"resolved_model": meta.as_dict(), "layout": "ssql"}, metrics,
                    {"quantized": out_dir / QUANT_FILE})  # fmt: skip
     return metrics | {"out_dir": str(out_dir)}

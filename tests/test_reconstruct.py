@@ -1,0 +1,163 @@
+"""Rounding reconstruction (AdaRound, BRECQ, QDrop) and bias correction: the maths, units of every family, the
+integers the export writes, bit-identical reruns, and the CLI with its refusals."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import CliRun, assert_user_error
+from onnx import numpy_helper
+
+from ssql_deploy.models import create_model, list_models, model_spec
+from ssql_deploy.quant.calibrate import calibrate
+from ssql_deploy.quant.config import QuantConfig
+from ssql_deploy.quant.placement import prepare, weight_quantizers
+from ssql_deploy.quant.quantizer import QuantConv2d, WeightQuantizer
+from ssql_deploy.quant.recon.bias_correction import correct_biases
+from ssql_deploy.quant.recon.reconstruct import ReconSettings, node_values, reconstruct
+from ssql_deploy.quant.recon.units import find_units, unit_module
+from ssql_deploy.quant.rounding import AdaRound, mse_weight_scale
+
+
+def test_adaround_starts_at_the_float_weight_and_hardens_to_floor_or_ceil() -> None:
+    torch.manual_seed(0)
+    w, scale = torch.randn(4, 3, 3, 3), torch.full((4,), 0.1)
+    r = AdaRound(w, scale, (-7, 7))
+    soft = r()
+    assert torch.allclose(soft * 0.1, w.clamp(-0.7, 0.7), atol=1e-4)  # h(alpha) = the fractional part at the start
+    hard = r(hard=True)
+    assert torch.equal(hard, torch.clamp(torch.round(w / 0.1), -7, 7))  # alpha >= 0 exactly where the rest is >= 1/2
+    assert float(r.regularizer(2.0).detach()) > 0
+    with torch.no_grad():
+        r.alpha.copy_(torch.where(r.alpha >= 0, 10.0, -10.0))  # h pushed past 0 and 1: the rectified sigmoid clips to exactly 0/1
+    assert float(r.regularizer(2.0).detach()) == 0.0 and torch.equal(r(), hard)
+
+
+def test_the_mse_scale_never_rounds_worse_than_the_ssql_scale() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 16, 3, 3) * torch.rand(8, 1, 1, 1)
+    w[0, 0, 0, 0] = 6.0  # one outlier channel
+    for bits in (2, 3, 4, 8):
+        q = WeightQuantizer(bits)
+        ssql = q.minmax_scale(w)
+        mse = mse_weight_scale(w, q)
+        err = lambda s, q=q: (
+            ((torch.clamp(torch.round(w / s.view(-1, 1, 1, 1)), *q.qrange) * s.view(-1, 1, 1, 1) - w) ** 2).flatten(1).sum(1)
+        )  # noqa: E731
+        assert bool((err(mse) <= err(ssql) + 1e-7).all()) and bool((mse <= ssql).all())
+
+
+@pytest.mark.parametrize("name", sorted(s.name for s in list_models() if s.name.startswith("test_")))
+def test_units_cover_every_quantized_conv_once_and_run_alone(name: str, fmnist_batch: torch.Tensor) -> None:
+    gm = prepare(create_model(name, 10, "cifar").eval(), "ssql", QuantConfig.from_bits("w4a4"), model_spec(name))
+    convs = [n for n, m in gm.named_modules() if isinstance(m, QuantConv2d)]
+    for granularity in ("layer", "block"):
+        units = find_units(gm, granularity)
+        assert sorted(p for u in units for p in u.layers) == sorted(convs), granularity
+    blocks = find_units(gm, "block")
+    assert len(blocks) < len(convs)  # blocks, not layers
+    with torch.no_grad():  # each block alone computes what the network computes at its output
+        x = node_values(gm, blocks[1].entry, fmnist_batch[:8], quantized=True)
+        y = node_values(gm, blocks[1].exit, fmnist_batch[:8], quantized=True)
+        assert torch.allclose(unit_module(gm, blocks[1]).eval()(x), y, atol=1e-5)
+
+
+def _calibrated(name: str, images: torch.Tensor, bits: str = "w3a4") -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    gm = prepare(create_model(name, 10, "cifar").eval(), "ssql", QuantConfig.from_bits(bits), model_spec(name))
+    calibrate(gm, [images], "mse")
+    return gm
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
+def test_reconstruction_lowers_each_units_error_and_fixes_integers(method: str, fmnist_batch: torch.Tensor) -> None:
+    gm = _calibrated("test_resnet", fmnist_batch)
+    report = reconstruct(gm, [fmnist_batch], ReconSettings(method, iters=60))  # type: ignore[arg-type]
+    assert all(u["kept"] == (u["error_learned"] <= u["error_nearest"]) for u in report)  # a worse rounding is undone
+    assert any(u["kept"] and u["error_learned"] < 0.95 * u["error_nearest"] for u in report), report
+    quantizers = weight_quantizers(gm)
+    for u in report:
+        for layer in u["layers"]:
+            wq = quantizers[layer]
+            assert wq.rounding is None and (wq.fixed is not None) == u["kept"] and (wq.fixed is None or wq.fixed.dtype == torch.int8)
+
+
+def test_same_seed_images_and_settings_give_bit_identical_integers(fmnist_batch: torch.Tensor) -> None:
+    runs = []
+    for _ in range(2):
+        gm = _calibrated("test_resnet", fmnist_batch)
+        reconstruct(gm, [fmnist_batch], ReconSettings("qdrop", iters=25, seed=3))
+        runs.append({k: (wq.fixed.clone() if wq.fixed is not None else None) for k, wq in weight_quantizers(gm).items()})
+    assert runs[0].keys() == runs[1].keys()
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(runs[0].values(), runs[1].values(), strict=True))
+
+
+def test_bias_correction_removes_the_mean_output_shift(fmnist_batch: torch.Tensor) -> None:
+    gm = _calibrated("test_resnet", fmnist_batch, "w2a8")
+    conv_node = next(n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == "layer1.0.conv2")
+    conv = gm.get_submodule("layer1.0.conv2")
+
+    def shift() -> torch.Tensor:
+        x = node_values(gm, conv_node.args[0], fmnist_batch, quantized=True)
+        with torch.no_grad():
+            error = torch.nn.functional.conv2d(x, conv.weight_quantizer(conv.weight) - conv.weight, None, conv.stride, conv.padding)
+        return error.mean(dim=(0, 2, 3)) + (conv.bias_correction if conv.bias_correction is not None else 0)
+
+    before = shift().abs().max()
+    correct_biases(gm, [fmnist_batch])
+    assert before > 1e-3 and shift().abs().max() < 1e-5 * max(1.0, float(before))
+
+
+def _onnx_weights(path: Path, conv: str) -> np.ndarray:
+    """A conv's integer weights as the ONNX file stores them, less their zero-point (-1 where the QGEMM kernel is chosen)."""
+    init = {i.name: numpy_helper.to_array(i).astype(np.int16) for i in onnx.load(str(path)).graph.initializer}
+    base = conv.replace(".", "_")
+    return init[f"{base}_weight_int"] - init[f"{base}_weight_zero_point"].reshape(-1, 1, 1, 1)
+
+
+def test_cli_reconstructs_exports_the_learned_integers_and_refuses_bad_input(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+    common = ["--calib-size", "64", "--calib-dir", tmp_path / "calib", "--subset", "128", "--workers", "0", "--out", tmp_path / "run"]
+    q = cli(
+        "quantize",
+        tiny_run,
+        "--bits",
+        "w3a4",
+        "--reconstruct",
+        "brecq",
+        "--iters",
+        "40",
+        "--recon-size",
+        "96",
+        "--bias-correction",
+        *common,
+    )
+    assert q.returncode == 0, q.stderr
+    assert "brecq: squared output error per unit" in q.stdout and "learned rounding" in q.stdout
+    run = tmp_path / "run"
+    manifest = json.loads((run / "quant/w3a4-brecq-bc/manifest.json").read_text())
+    assert manifest["metrics"]["reconstruction"]["method"] == "brecq" and manifest["inputs"]["recon_manifest"]["sha256"]
+    saved = torch.load(run / "quant/w3a4-brecq-bc/quantized.pt", weights_only=True)
+    for engine in ("ort", "trt"):
+        e = cli("export", run, "--bits", "w3a4-brecq-bc", "--engine", engine)
+        assert e.returncode == 0, e.stderr
+    fixed = saved["model"]["layer1.0.conv1.weight_quantizer.fixed"].numpy().astype(np.int16)
+    assert np.array_equal(_onnx_weights(run / "export/w3a4-brecq-bc-trt/model.qdq.onnx", "layer1.0.conv1"), fixed)  # no folding in trt
+    ort = _onnx_weights(run / "export/w3a4-brecq-bc-ort/model.qdq.onnx", "layer1.0.conv1")
+    assert np.array_equal(np.abs(ort), np.abs(fixed))  # folded BatchNorm: a channel's integers may change sign, never magnitude
+
+    for args, needles in (
+        (["--reconstruct", "brecq", "--iters", "0"], ["--iters", "0"]),
+        (["--reconstruct", "brecq", "--recon-size", "16"], ["at least 64 images", "--recon-size"]),
+        (["--reconstruct", "brecq", "--layer-bits", "*=float"], ["no quantized layer"]),
+        (["--reconstruct", "brecq", "--lsq", "--epochs", "1"], ["--lsq", "--reconstruct"]),
+        (["--iters", "10"], ["--iters", "--reconstruct"]),
+    ):
+        before = sorted(p.relative_to(run) for p in run.rglob("*"))
+        result = cli("quantize", tiny_run, "--bits", "w4a4", *args, "--calib-dir", tmp_path / "calib", "--workers", "0", "--out", run)
+        assert_user_error(result, *needles)
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    wrong = cli("quantize", tiny_run, "--reconstruct", "gptq", "--out", run)
+    assert wrong.returncode == 2 and "gptq" in wrong.stderr and "Traceback" not in wrong.stderr
