@@ -15,14 +15,13 @@ Writes benchmarks/results/lsq_evidence.json and .log.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ort_top1 import ort_top1  # noqa: E402
+from evidence import ort_top1, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 RUNS = ROOT / "runs/evidence"
@@ -31,12 +30,8 @@ BITS = ["w4a4", "w3a3", "w2a4"]
 CALIBRATORS = ["minmax", "percentile", "mse", "entropy"]
 
 
-def cli(*args: str | Path) -> None:
-    cmd = [sys.executable, "-m", "ssql_deploy", *map(str, args)]
-    with LOG.open("a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
+def cli(*args: str | Path) -> float:
+    return run_logged(LOG, *args)
 
 
 def differences(methods: dict) -> dict:

@@ -1,0 +1,36 @@
+"""What every evidence script does: run `ssql-deploy` as a user would, with its raw output logged, and score an
+exported model in a real ONNX Runtime session on all 10,000 Fashion-MNIST test images (the number a deployment
+gets, not the simulation's).
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ssql_deploy.data import DataSource  # noqa: E402
+from ssql_deploy.evaluate import eval_loader  # noqa: E402
+from ssql_deploy.export.ort_session import make_session  # noqa: E402
+
+
+def ort_top1(path: Path, threads: int = 2) -> float:
+    session = make_session(path, threads)
+    correct = total = 0
+    for images, labels in eval_loader(DataSource.of("fashion-mnist", None, 32), None, 500, 1):
+        correct += int((session.run(None, {"input": images.numpy()})[0].argmax(1) == labels.numpy()).sum())
+        total += len(labels)
+    return round(100.0 * correct / total, 2)
+
+
+def run_logged(log: Path, *args: str | Path) -> float:
+    """`ssql-deploy ARGS` in the repository root, its output appended to `log`; returns its wall time in seconds."""
+    cmd = [sys.executable, "-m", "ssql_deploy", *map(str, args)]
+    start = time.time()
+    with log.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
+    return round(time.time() - start, 1)

@@ -1,0 +1,83 @@
+"""Low-bit PTQ that holds (issue 11, item 5): rounding calibrators, AdaRound, BRECQ, QDrop and LSQ side by side.
+
+Starts from the fine-tuned models of benchmarks/families_int8.py (runs/families/<arch>: 3 epochs on
+all of Fashion-MNIST at 32x32). At each bit pair:
+- PTQ with each rounding calibrator (minmax, percentile, mse, entropy);
+- AdaRound, BRECQ and QDrop (`--reconstruct`, `--iters` steps per unit, 1,024 unlabelled calibration
+  images) after the mse calibrator;
+- LSQ (1 epoch over a fixed 20,000-image subset of the training split, lr 0.01 cosine) seeded from
+  the best calibrator.
+Every top-1 is the exported QDQ ONNX model (`ort` layout) in an ONNX Runtime session on all 10,000
+test images; every wall time is the `ssql-deploy quantize` command that produced the model (2 cores,
+nothing else running), which for PTQ includes scoring the simulation on 1,000 test images.
+
+    .venv/bin/python benchmarks/recon_evidence.py [--archs resnet18_quarter mobilenet_v2] [--bits w4a4 ...] [--iters 500]
+
+Writes benchmarks/results/recon_evidence.json and .log.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evidence import ort_top1, run_logged  # noqa: E402
+
+RESULTS = ROOT / "benchmarks/results"
+RUNS = ROOT / "runs/families"
+OUT = ROOT / "runs/recon"
+LOG = RESULTS / "recon_evidence.log"
+CALIBRATORS = ["minmax", "percentile", "mse", "entropy"]
+METHODS = ["adaround", "brecq", "qdrop"]
+
+
+def cli(*args: str | Path) -> float:
+    return run_logged(LOG, *args)
+
+
+def quantized(run: Path, out: Path, bits: str, name: str, *extra: str) -> dict:
+    seconds = cli("quantize", run, "--bits", bits, "--subset", "1000", "--workers", "1", "--out", out, *extra)
+    cli("export", out, "--bits", name, "--engine", "ort", "--ort-kernel", "symmetric")
+    return {"top1": ort_top1(out / f"export/{name}-ort/model.qdq.onnx"), "seconds": seconds}
+
+
+def measure(arch: str, bits_list: list[str], iters: int) -> dict:
+    run = RUNS / arch
+    if not (run / "finetune/manifest.json").is_file():
+        raise SystemExit(f"{run} is not fine-tuned: run benchmarks/families_int8.py --train-only first")
+    rows: dict = {}
+    for bits in bits_list:
+        row: dict = {"calibrators": {c: quantized(run, OUT / f"{arch}-{c}", bits, bits, "--calib", c) for c in CALIBRATORS}}
+        best = max(CALIBRATORS, key=lambda c: row["calibrators"][c]["top1"])
+        row["best_calibrator"] = best
+        for method in METHODS:
+            row[method] = quantized(run, OUT / f"{arch}-{method}", bits, f"{bits}-{method}", "--calib", "mse", "--reconstruct", method,
+                                    "--iters", str(iters))  # fmt: skip
+        row["lsq"] = quantized(run, OUT / f"{arch}-lsq", bits, f"{bits}-lsq", "--calib", best, "--lsq", "--epochs", "1", "--lr", "0.01",
+                               "--subset", "20000", "--batch-size", "128")  # fmt: skip
+        rows[bits] = row
+        with LOG.open("a") as f:
+            f.write(f"{arch} {bits}: {json.dumps(row)}\n")
+    return {"fp32_onnx_top1": ort_top1(OUT / f"{arch}-minmax/export/fp32/model.onnx"), "bits": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--archs", nargs="*", default=["resnet18_quarter", "mobilenet_v2"])
+    parser.add_argument("--bits", nargs="*", default=["w4a8", "w4a4", "w3a3", "w2a4"])
+    parser.add_argument("--iters", type=int, default=500)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with LOG.open("a") as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv[1:])}\n")
+    result = {"benchmark": "recon_evidence", "measured_on": "exported QDQ ONNX in ONNX Runtime (CPU), all 10k test images",
+              "iters": args.iters, "models": {arch: measure(arch, args.bits, args.iters) for arch in args.archs}}  # fmt: skip
+    (RESULTS / "recon_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
