@@ -44,9 +44,11 @@ def test_the_mse_scale_never_rounds_worse_than_the_ssql_scale() -> None:
         q = WeightQuantizer(bits)
         ssql = q.minmax_scale(w)
         mse = mse_weight_scale(w, q)
-        err = lambda s, q=q: (
-            ((torch.clamp(torch.round(w / s.view(-1, 1, 1, 1)), *q.qrange) * s.view(-1, 1, 1, 1) - w) ** 2).flatten(1).sum(1)
-        )  # noqa: E731
+
+        def err(s: torch.Tensor, q: WeightQuantizer = q) -> torch.Tensor:
+            per_channel = s.view(-1, 1, 1, 1)
+            return ((torch.clamp(torch.round(w / per_channel), *q.qrange) * per_channel - w) ** 2).flatten(1).sum(1)
+
         assert bool((err(mse) <= err(ssql) + 1e-7).all()) and bool((mse <= ssql).all())
 
 
@@ -161,3 +163,29 @@ def test_cli_reconstructs_exports_the_learned_integers_and_refuses_bad_input(tin
         assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     wrong = cli("quantize", tiny_run, "--reconstruct", "gptq", "--out", run)
     assert wrong.returncode == 2 and "gptq" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.mark.parametrize("name", sorted(s.name for s in list_models() if s.name.startswith("test_")))
+def test_every_family_reconstructs_and_exports_its_integers_in_every_layout(name: str, tmp_path: Path, fmnist_batch: torch.Tensor) -> None:
+    """Reconstructed and bias-corrected in the SSQL layout, saved, reloaded in the ort and trt layouts (BatchNorm folded or
+    not), exported: ONNX Runtime computes what the PyTorch model of that layout computes."""
+    from ssql_deploy.data import DataSource
+    from ssql_deploy.export.onnx_graph import build_onnx
+    from ssql_deploy.export.parity import check_parity
+    from ssql_deploy.models.trained import ModelMeta
+    from ssql_deploy.quant.artifact import load_quantized, save_quantized
+
+    gm = _calibrated(name, fmnist_batch)
+    reconstruct(gm, [fmnist_batch], ReconSettings("brecq", iters=8))
+    correct_biases(gm, [fmnist_batch])
+    meta = ModelMeta.for_data(name, "cifar", 10, DataSource.of("fashion-mnist", None, 32))
+    save_quantized(tmp_path / "q.pt", gm, meta, "w3a4-brecq-bc", False, {"calibration": {}})
+    for layout in ("ssql", "ort", "trt"):
+        loaded = load_quantized(tmp_path / "q.pt", layout=layout)  # type: ignore[arg-type]
+        calibrate(loaded.gm, [fmnist_batch], "mse", points=sorted(loaded.uncalibrated))
+        with torch.no_grad():
+            if layout == "ssql":
+                assert torch.equal(loaded.gm(fmnist_batch[:8]), gm(fmnist_batch[:8]))
+                continue
+        parity = check_parity(loaded.gm, build_onnx(loaded.gm, (3, 32, 32), layout), [fmnist_batch])  # type: ignore[arg-type]
+        assert parity["passed"], (layout, parity["problems"])
