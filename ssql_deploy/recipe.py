@@ -180,8 +180,10 @@ class QuantizeRecipe(DataRecipe):
     source: Path
     arch: str | None = None  # only for plain state dicts, which do not name their architecture
     data: str | None = None  # default: the dataset the model was fine-tuned on
-    bits: str = "w8a8"
+    bits: str = "w8a8"  # or "auto": per-layer widths solved from RUN/analyze/ within `budget`
     layer_bits: list[str] | dict[str, Any] = []  # overrides of the default widths, in order: PATTERN=SPEC or {PATTERN: SPEC}
+    budget: str | None = None  # with bits "auto": avg-wbits=A, size-mb=X, avg-abits=A, bops=Y (comma-joined)
+    config: Path | None = None  # a config.json another quantize wrote (say, with bits "auto"): its widths, reused as they are
     calib: Calibrator = "percentile"
     percentile: float = Field(default=99.99, gt=50, le=100)
     calib_size: int = Field(default=512, ge=1)
@@ -207,8 +209,27 @@ class QuantizeRecipe(DataRecipe):
     def _normalise_bits(self) -> "QuantizeRecipe":
         from ssql_deploy.quant.config import QuantConfig
 
-        self.bits = _bit_spec(self.bits)
-        self.layer_bits = QuantConfig.from_bits(self.bits, self.layer_bits).override_specs()
+        if self.config is not None:
+            from ssql_deploy.quant.config import load_config
+
+            if {"bits", "layer_bits", "budget"} & self.model_fields_set:
+                raise UserError(
+                    "--config sets every layer's widths, so it takes no --bits, --layer-bits or --budget", "drop them, or drop --config"
+                )
+            loaded = load_config(self.config)
+            self.bits, self.layer_bits = str(loaded.default), loaded.override_specs()
+        elif self.bits.strip().lower() == "auto":
+            from ssql_deploy.analyze.allocate import Budget
+
+            if self.budget is None or self.layer_bits:
+                raise UserError("--bits auto solves every layer's widths within a --budget, so it takes a budget and no --layer-bits",
+                                "e.g. --bits auto --budget avg-wbits=4.5 (after `ssql-deploy analyze RUN`)")  # fmt: skip
+            self.bits, self.budget = "auto", str(Budget.parse(self.budget))
+        elif self.budget is not None:
+            raise UserError("--budget applies only to --bits auto", "pass --bits auto, or drop --budget")
+        else:
+            self.bits = _bit_spec(self.bits)
+            self.layer_bits = QuantConfig.from_bits(self.bits, self.layer_bits).override_specs()
         if self.lsq and (self.epochs is None or self.epochs < 1):
             raise UserError(
                 f"LSQ needs --epochs of at least 1 (got {self.epochs})", "pass --epochs N, or drop --lsq for post-training quantization"
@@ -234,7 +255,42 @@ class QuantizeRecipe(DataRecipe):
         from ssql_deploy.quant.config import QuantConfig
         from ssql_deploy.run_layout import variant
 
+        if self.bits == "auto":
+            raise UserError("a --bits auto model is named once its widths are solved, so a pipeline cannot plan it yet",
+                            "run `ssql-deploy analyze` and `ssql-deploy quantize --bits auto`, then pass its config.json with --config")  # fmt: skip
         return variant(QuantConfig.from_bits(self.bits, self.layer_bits).label, *self.methods())
+
+
+Metric = Literal["loss", "top1", "hessian"]
+
+
+def _widths(bits: list[int]) -> list[int]:
+    from ssql_deploy.quant.bits import MAX_BITS, MIN_BITS
+
+    wrong = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
+    if wrong:
+        raise ValueError(f"width {wrong[0]} is outside {MIN_BITS}..{MAX_BITS}; for example 2,3,4,6,8")
+    return sorted(set(bits))
+
+
+class AnalyzeRecipe(DataRecipe):
+    """Per-layer sensitivity of a trained model (analyze/): which layers a low width hurts, on held-out training images."""
+
+    kind: Literal["analyze"] = "analyze"
+    source: Path
+    arch: str | None = None  # only for plain state dicts
+    data: str | None = None  # default: the dataset the model was fine-tuned on
+    bits: Annotated[list[PositiveInt], AfterValidator(_widths)] = Field(default=[2, 3, 4, 6, 8], min_length=1)
+    metric: Metric = "loss"
+    calib: Calibrator = "percentile"
+    percentile: float = Field(default=99.99, gt=50, le=100)
+    calib_size: int = Field(default=512, ge=1)
+    val_size: int = Field(default=512, ge=1)  # labelled training images apart from the calibration ones
+    calib_dir: Directory = Path("calib")
+    hutchinson_samples: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    seed: int = 0
+    out: Directory | None = None  # default: the source run directory
 
 
 class ExportRecipe(Recipe):

@@ -2,10 +2,11 @@
 
     RUN/pretrain/                  last.pt, backbone.pt (a plain state dict), metrics.jsonl, manifest.json
     RUN/finetune/                  last.pt, best.pt, metrics.jsonl, manifest.json
-    RUN/quant/<variant>/           quantized.pt (LSQ: also last.pt, best.pt), manifest.json
+    RUN/quant/<variant>/           quantized.pt, config.json (its QuantConfig; LSQ: also last.pt, best.pt), manifest.json
     RUN/export/fp32/               model.onnx (the FP32 baseline; + model.plan, its FP16 TensorRT engine), manifest.json
     RUN/export/<variant>-<engine>/ model.qdq.onnx, twin.pt, parity.json (+ the engine's own file), manifest.json
     RUN/bench/                     report.json, report.md, report.png
+    RUN/analyze/                   sensitivity.json, sensitivity.png, manifest.json
 
 A `variant` is a quantized model's name: its config's label (`w4a4`, `w4a4-1a2b3c`), `-lsq` after
 quantization-aware training (`variant` below).
@@ -20,6 +21,7 @@ from ssql_deploy.runtimes import ENGINES, Engine
 
 BEST, LAST, BACKBONE = "best.pt", "last.pt", "backbone.pt"
 QUANT_FILE, FP32_FILE, TWIN_FILE, PARITY_FILE = "quantized.pt", "model.onnx", "twin.pt", "parity.json"
+CONFIG_FILE = "config.json"
 
 
 def variant(label: str, *methods: str) -> str:
@@ -100,6 +102,10 @@ class RunLayout:
     @property
     def bench(self) -> Path:
         return self.root / "bench"
+
+    @property
+    def analyze(self) -> Path:
+        return self.root / "analyze"
 
 
 def resolve_checkpoint(path: Path, candidates: Callable[[RunLayout], tuple[Path, ...]]) -> Path:

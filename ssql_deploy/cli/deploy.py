@@ -22,7 +22,14 @@ SourceArg = Annotated[Path | None, typer.Argument(help="Run directory (or checkp
 def quantize_cmd(
     source: SourceArg = None,
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="A checkpoint file instead of a run directory (needs --out).")] = None,
-    bits: Annotated[str | None, recipe_option(Q, "bits", "Bit spec wXaY with X, Y in 2..8, or one width (8 = w8a8).")] = None,
+    bits: Annotated[str | None, recipe_option(Q, "bits", "Bit spec wXaY with X, Y in 2..8, one width (8 = w8a8), or "
+                                        "auto (per-layer widths within --budget).")] = None,
+    budget: Annotated[str | None, recipe_option(Q, "budget", "With --bits auto: what the per-layer widths may cost, as KIND=NUMBER "
+                      "joined by commas; KIND: avg-wbits (parameter-weighted mean weight width), size-mb (packed weights), avg-abits "
+                      "(element-weighted mean activation width), bops (GBOPs per image). Widths are solved from `ssql-deploy analyze`.",
+                      default="none")] = None,
+    config: Annotated[Path | None, recipe_option(Q, "config", "The config.json of an earlier quantize (say, a --bits auto plan): "
+                      "quantize with exactly its widths.", default="none")] = None,
     layer_bits: Annotated[list[str] | None, typer.Option("--layer-bits", help="PATTERN=SPEC: override the widths of the modules whose "
                           "name matches PATTERN (fnmatch; later overrides win), e.g. 'features.0.*=w8a8', 'classifier.*=float', "
                           "'*.conv.1.*=w6'. Repeatable. [default: none; the stem stays at w8a8]")] = None,
@@ -63,7 +70,7 @@ def quantize_cmd(
     if source is not None and ckpt is not None:
         raise UserError("give a run directory or --ckpt, not both")
     settings = QuantizeRecipe.build(
-        recipe, source=source or ckpt, bits=bits, layer_bits=layer_bits, calib=calib, percentile=percentile, calib_size=calib_size,
+        recipe, source=source or ckpt, bits=bits, layer_bits=layer_bits, budget=budget, config=config, calib=calib, percentile=percentile, calib_size=calib_size,
         calib_dir=calib_dir, arch=arch, data=data, data_root=data_root, input_size=input_size, subset=subset, workers=workers,
         out=out, reconstruct=reconstruct, iters=iters, recon_size=recon_size, bias_correction=bias_correction, lsq=lsq, epochs=epochs,
         lr=lr, lsq_init=lsq_init, freeze_bn_after=freeze_bn_after, train_steps_only=train_steps_only, batch_size=batch_size, seed=seed,
@@ -82,7 +89,7 @@ def quantize_cmd(
     table.add_row(metrics["bits"], f"{metrics['fp32_top1']:.2f}%", *ptq, f"{metrics['simulated_top1']:.2f}%",
                   f"{metrics['drop_points']:.2f}", str(metrics["n_test_images"]), metrics["out_dir"])  # fmt: skip
     results.print(table)
-    results.print(layer_table(metrics["layers"], metrics["bits"], BitSpec.parse(settings.bits)))
+    results.print(layer_table(metrics["layers"], metrics["bits"], BitSpec.parse(metrics["default_bits"])))
     if "reconstruction" in metrics:
         units = Table(title=f"{settings.reconstruct}: squared output error per unit on calibration images ({metrics['adjust_seconds']} s)")
         for col in ("unit", "convs", "rounded to nearest", "learned rounding"):

@@ -9,7 +9,7 @@ and a changed dataset is caught instead of silently giving other ranges.
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,21 +33,37 @@ def image_digest(image: Any) -> str:
     return digest.hexdigest()
 
 
-def manifest_path(directory: Path, data: str, size: int) -> Path:
-    return directory / f"{get_spec(data).name}-train-{size}.json"
+Role = Literal["calibration", "validation"]
+_SUFFIX: dict[Role, str] = {"calibration": "train", "validation": "val"}
 
 
-def create_manifest(path: Path, source: DataSource, raw: Dataset[Any], size: int) -> dict[str, Any]:
+def manifest_path(directory: Path, data: str, size: int, role: Role = "calibration") -> Path:
+    return directory / f"{get_spec(data).name}-{_SUFFIX[role]}-{size}.json"
+
+
+def _pick(n: int, size: int, role: Role) -> list[int]:
+    """Calibration sets take the head of one fixed permutation of the training split, validation sets its tail.
+
+    So a validation set is disjoint from every calibration set that leaves room for it, and a
+    larger calibration set extends a smaller one instead of reshuffling it.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SELECTION_SEED))
+    return sorted((order[:size] if role == "calibration" else order[n - size :]).tolist())
+
+
+def create_manifest(path: Path, source: DataSource, raw: Dataset[Any], size: int, role: Role = "calibration") -> dict[str, Any]:
     n = len(raw)  # type: ignore[arg-type]
     if size > n:
-        raise UserError(f"--calib-size {size} exceeds the {n} training images of {source.data}", f"use at most {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(SELECTION_SEED))[:size]
-    indices = sorted(order.tolist())
+        option = "--calib-size" if role == "calibration" else "--val-size"
+        raise UserError(f"{option} {size} exceeds the {n} training images of {source.data}", f"use at most {n}")
+    indices = _pick(n, size, role)
+    where = "[:size]" if role == "calibration" else "[-size:]"
     manifest = {
         "dataset": source.data,
         "split": "train",
+        "role": role,
         "size": size,
-        "selection": f"torch.randperm(seed={SELECTION_SEED})[:size], sorted",
+        "selection": f"torch.randperm(seed={SELECTION_SEED}){where}, sorted",
         "indices": indices,
         "sha256": [image_digest(raw[i][0]) for i in indices],
     }
@@ -55,13 +71,14 @@ def create_manifest(path: Path, source: DataSource, raw: Dataset[Any], size: int
     return manifest
 
 
-def load_calibration(source: DataSource, size: int, directory: Path = DEFAULT_DIR) -> tuple[list[torch.Tensor], Path]:
-    """Batches of calibration images as the model sees them, from the manifest (created on first use)."""
+def _load(source: DataSource, size: int, directory: Path, role: Role) -> tuple[torch.Tensor, torch.Tensor, Path]:
+    """The images of a manifest (created on first use) as the model sees them, their labels, and the manifest's path."""
     if size < 1:
-        raise UserError(f"--calib-size must be positive, got {size}", f"the default is {DEFAULT_SIZE}")
+        option = "--calib-size" if role == "calibration" else "--val-size"
+        raise UserError(f"{option} must be positive, got {size}", f"the default is {DEFAULT_SIZE}")
     if directory.exists() and not directory.is_dir():
         raise UserError(f"calibration directory {directory} is a file", "pass --calib-dir a directory (created if missing)")
-    path = manifest_path(directory, source.data, size)
+    path = manifest_path(directory, source.data, size, role)
     raw = source.split("train", transform=None)
     if path.is_file():
         try:
@@ -70,19 +87,36 @@ def load_calibration(source: DataSource, size: int, directory: Path = DEFAULT_DI
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"calibration manifest {path} is unreadable", "delete it to have it re-created") from None
     else:
-        manifest = create_manifest(path, source, raw, size)
+        manifest = create_manifest(path, source, raw, size, role)
         indices, hashes = manifest["indices"], manifest["sha256"]
     transform = source.eval_transform()
-    images = []
+    images, labels = [], []
     for i, expected in zip(indices, hashes, strict=True):
         if i >= len(raw):  # type: ignore[arg-type]
             raise UserError(f"{path} names image {i} but {source.data} has only {len(raw)} training images", "re-create the manifest")  # type: ignore[arg-type]
-        image = raw[i][0]
+        image, label = raw[i]
         if image_digest(image) != expected:
             raise UserError(
                 f"training image {i} of {source.data} differs from calibration manifest {path}",
                 "the dataset files changed; restore them or delete the manifest to calibrate on the new ones",
             )
         images.append(transform(image))
-    stacked = torch.stack(images)
-    return list(stacked.split(BATCH)), path
+        labels.append(int(label))
+    return torch.stack(images), torch.tensor(labels), path
+
+
+def load_calibration(source: DataSource, size: int, directory: Path = DEFAULT_DIR) -> tuple[list[torch.Tensor], Path]:
+    """Batches of calibration images as the model sees them, from the manifest (created on first use). No labels."""
+    images, _, path = _load(source, size, directory, "calibration")
+    return list(images.split(BATCH)), path
+
+
+def load_validation(
+    source: DataSource, size: int, calib_size: int, directory: Path = DEFAULT_DIR
+) -> tuple[torch.Tensor, torch.Tensor, Path]:
+    """Labelled training images disjoint from the `calib_size` calibration images, for choices that must not see the test split."""
+    n = len(source.split("train", transform=None))  # type: ignore[arg-type]
+    if size + calib_size > n:
+        raise UserError(f"{size} validation and {calib_size} calibration images overlap: {source.data} has {n} training images",
+                        f"lower --val-size or --calib-size to at most {n} together")  # fmt: skip
+    return _load(source, size, directory, "validation")

@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -165,3 +166,16 @@ def resolve(config: QuantConfig, stem: tuple[str, ...], modules: Iterable[str]) 
     resolved = Resolved(config, stem, tuple(modules))
     resolved.check()
     return resolved
+
+
+def load_config(path: Path) -> QuantConfig:
+    """A config.json that `quantize` wrote beside a quantized model (`--config`)."""
+    try:
+        return QuantConfig.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(
+            f"config file {path} does not exist", "pass the config.json of a quantized model (RUN/quant/VARIANT/config.json)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{path} is not a quantization config ({first})", "pass the config.json `ssql-deploy quantize` wrote") from None

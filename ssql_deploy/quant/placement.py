@@ -247,6 +247,16 @@ def weight_quantizers(gm: nn.Module) -> dict[str, WeightQuantizer]:
     return {name.removesuffix(".weight_quantizer"): m for name, m in gm.named_modules() if isinstance(m, WeightQuantizer)}
 
 
+def conv_input_points(gm: fx.GraphModule) -> dict[str, str | None]:
+    """For each quantized conv, the activation point whose grid its input is on (None: a float input)."""
+    found: dict[str, str | None] = {}
+    for node in gm.graph.nodes:
+        if isinstance(_module(gm, node), QuantConv2d):
+            source = _source(gm, node.args[0])
+            found[str(node.target)] = str(source.target).removeprefix("aq_") if _is(gm, source, ActQuantizer) else None  # type: ignore[attr-defined]
+    return found
+
+
 def layer_table(gm: fx.GraphModule) -> dict[str, list[dict[str, object]]]:
     """The resolved per-layer table: every conv with its weight bits and scheme, every activation point with its
     bits, grid and (once calibrated) range. What the artifact stores and the CLI prints."""

@@ -24,7 +24,8 @@ from ssql_deploy.quant.placement import layer_table, prepare
 from ssql_deploy.quant.recon.bias_correction import correct_biases
 from ssql_deploy.quant.recon.reconstruct import ReconSettings, reconstruct
 from ssql_deploy.recipe import QuantizeRecipe
-from ssql_deploy.run_layout import QUANT_FILE, RunLayout
+from ssql_deploy.run import write_text_atomic
+from ssql_deploy.run_layout import CONFIG_FILE, QUANT_FILE, RunLayout, resolve_checkpoint
 from ssql_deploy.train_state import resume_recipe
 
 STAGE = "quantize"
@@ -47,13 +48,26 @@ def _reconstruct(gm: torch.fx.GraphModule, recipe: QuantizeRecipe, source: DataS
     return done
 
 
+def _solve_widths(recipe: QuantizeRecipe, run_dir: Path) -> tuple[QuantizeRecipe, dict[str, Any]]:
+    """`--bits auto`: the recipe with the widths the budget allows, and the plan's figures."""
+    from ssql_deploy.analyze.allocate import Budget
+    from ssql_deploy.analyze.auto_bits import plan
+
+    assert recipe.budget is not None
+    model_file = resolve_checkpoint(recipe.source, RunLayout.trained_candidates)
+    config, planned = plan(run_dir, model_file, Budget.parse(recipe.budget))
+    widths = {"bits": str(config.default), "layer_bits": config.override_specs(), "budget": None}
+    return QuantizeRecipe.model_validate(recipe.model_dump() | widths), planned | {"budget": recipe.budget}
+
+
 def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]:
-    config = QuantConfig.from_bits(recipe.bits, recipe.layer_bits)
     if not recipe.source.exists():
         raise UserError(f"{recipe.source} does not exist", "pass a run directory (the --out of `ssql-deploy finetune`) or a checkpoint")
     if recipe.out is None and not recipe.source.is_dir():
         raise UserError("--out is needed when quantizing a checkpoint file", "pass --out RUN_DIR")
     run_dir = recipe.out or recipe.source
+    recipe, planned = _solve_widths(recipe, run_dir) if recipe.bits == "auto" else (recipe, None)
+    config = QuantConfig.from_bits(recipe.bits, recipe.layer_bits)
     name = recipe.variant()
     out_dir = RunLayout(run_dir).quant(name)
     state = refuse_or_resume(out_dir, LSQ_STAGE, resume) if recipe.lsq else None
@@ -78,7 +92,7 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     calibration = {"calibrator": recipe.calib, "percentile": recipe.percentile, "calib_size": recipe.calib_size,
                    "calib_manifest": str(calib_manifest), "data": source.data, "data_root": root}  # fmt: skip
     info = {"calibration": calibration, "source": str(source_file)}
-    metrics: dict[str, Any] = {"bits": name, "config": config.describe(), "calibrator": recipe.calib, "fp32_top1": fp_top1,
+    metrics: dict[str, Any] = {"bits": name, "config": config.describe(), "default_bits": str(config.default), "calibrator": recipe.calib, "fp32_top1": fp_top1,
                                "simulated_top1": q_top1, "n_test_images": n, "data": source.describe(), **adjusted}  # fmt: skip
     if recipe.lsq:
         metrics["ptq_top1"] = q_top1
@@ -86,8 +100,11 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
         metrics["simulated_top1"] = metrics["lsq"]["best_top1"]
     metrics["drop_points"] = fp_top1 - metrics["simulated_top1"]
     metrics["layers"] = layer_table(gm)
+    if planned is not None:
+        metrics["auto_bits"] = planned
     save_quantized(out_dir / QUANT_FILE, gm, meta, name, recipe.lsq, info)
+    write_text_atomic(out_dir / CONFIG_FILE, config.model_dump_json(indent=1) + "\n")
     write_manifest(out_dir, STAGE, inputs,
                    recipe.model_dump(mode="json") | {"resolved_model": meta.as_dict(), "layout": "ssql"}, metrics,
-                   {"quantized": out_dir / QUANT_FILE})  # fmt: skip
+                   {"quantized": out_dir / QUANT_FILE, "config": out_dir / CONFIG_FILE})  # fmt: skip
     return metrics | {"out_dir": str(out_dir)}

@@ -1,0 +1,1 @@
+"""Per-layer sensitivity analysis: which layers a low width hurts (`ssql-deploy analyze`)."""

@@ -1,0 +1,156 @@
+"""`ssql-deploy analyze`: per-layer sensitivity on held-out training images, on a real trained run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CliRun, assert_user_error
+
+from ssql_deploy.analyze.allocate import Budget, solve, totals
+from ssql_deploy.analyze.sensitivity import Settings, Validation, hutchinson_traces, measure
+from ssql_deploy.data import DataSource
+from ssql_deploy.models import model_spec
+from ssql_deploy.models.trained import load_trained
+from ssql_deploy.quant.calib_set import load_calibration, load_validation
+from ssql_deploy.quant.config import QuantConfig
+from ssql_deploy.quant.placement import act_quantizers, prepare, weight_quantizers
+
+
+def test_validation_images_are_labelled_and_apart_from_every_calibration_set(tmp_path: Path, fmnist_root: Path) -> None:
+    source = DataSource.of("fashion-mnist", fmnist_root, 32)
+    _, calib_path = load_calibration(source, 300, tmp_path)
+    images, labels, val_path = load_validation(source, 200, 300, tmp_path)
+    calib_idx = set(json.loads(calib_path.read_text())["indices"])
+    val_idx = json.loads(val_path.read_text())["indices"]
+    assert len(val_idx) == 200 and not calib_idx & set(val_idx)
+    raw = source.split("train", transform=None)
+    assert labels.tolist() == [raw[i][1] for i in val_idx] and images.shape == (200, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_run: Path, fmnist_root: Path) -> tuple[torch.fx.GraphModule, Validation, list[torch.Tensor]]:
+    model, meta, _ = load_trained(tiny_run)
+    gm = prepare(model.eval(), "ssql", QuantConfig(w=8, a=8), model_spec(meta.arch))
+    source = meta.source(None, fmnist_root)
+    calib, _ = load_calibration(source, 64, tiny_run.parent / "calib-analyze")
+    images, labels, _ = load_validation(source, 128, 64, tiny_run.parent / "calib-analyze")
+    return gm, Validation(images, labels), calib
+
+
+def test_each_quantizer_is_measured_alone_and_low_widths_cost_more(twin: tuple) -> None:
+    gm, val, calib = twin
+    result = measure(gm, val, calib, Settings((2, 8), "loss", "percentile", 99.99))
+    assert [r["layer"] for r in result["weights"]] == list(weight_quantizers(gm))
+    assert [r["point"] for r in result["activations"]] == list(act_quantizers(gm))
+    rows = result["weights"] + result["activations"]
+    assert sum(r["loss"]["2"] for r in rows) > 10 * sum(abs(r["loss"]["8"]) for r in rows)
+    assert all(r["sensitivity"] == r["loss"] for r in rows)
+    # one row recomputed by hand: only that conv's weights quantized at 2 bits, everything else float
+    layer = result["weights"][1]["layer"]
+    for q in act_quantizers(gm).values():
+        q.enabled = False
+    for name, w in weight_quantizers(gm).items():
+        w.enabled, w.bits = name == layer, 2
+    with torch.no_grad():
+        loss = float(F.cross_entropy(gm(val.images), val.labels))
+    assert loss - result["float"]["loss"] == pytest.approx(result["weights"][1]["loss"]["2"], abs=1e-4)
+
+
+def test_hutchinson_trace_matches_the_exact_hessian_trace(twin: tuple) -> None:
+    gm, val, _ = twin
+    name = min(weight_quantizers(gm), key=lambda n: gm.get_submodule(n).weight.numel())
+    conv = gm.get_submodule(name)
+    x, y = val.images[:16], val.labels[:16]
+    estimate = hutchinson_traces(gm, {name: conv}, Validation(x, y), samples=300, seed=0)[name]
+    (grad,) = torch.autograd.grad(F.cross_entropy(gm(x), y), conv.weight, create_graph=True)
+    flat = grad.reshape(-1)
+    exact = sum(float(torch.autograd.grad(flat[i], conv.weight, retain_graph=True)[0].reshape(-1)[i]) for i in range(flat.numel()))
+    assert estimate == pytest.approx(exact, rel=0.15)
+
+
+def test_analyze_from_the_cli_writes_json_heatmap_and_manifest(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    calib = ["--calib-size", "64", "--val-size", "128", "--calib-dir", tmp_path / "calib", "--workers", "0"]
+    result = cli("analyze", run, "--bits", "3,8", "--metric", "hessian", "--hutchinson-samples", "4", *calib)
+    assert result.returncode == 0, result.stderr
+    assert "most sensitive" in result.stdout and "evaluations" in result.stdout
+    found = json.loads((run / "analyze/sensitivity.json").read_text())
+    assert found["metric"] == "hessian" and found["bits"] == [3, 8]
+    assert all(r["hessian"]["3"] > r["hessian"]["8"] >= 0 for r in found["weights"])
+    assert (run / "analyze/sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "analyze/manifest.json").read_text())["stage"] == "analyze"
+    before = {p: p.read_bytes() for p in (run / "analyze").iterdir()}
+    for bad, needle in ((["--bits", "1,8"], "outside 2..8"), (["--val-size", "59990"], "overlap")):
+        assert_user_error(cli("analyze", run, *calib[:2], *bad, *calib[4:]), needle)
+    assert before == {p: p.read_bytes() for p in (run / "analyze").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def analysed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, cli: CliRun) -> Path:
+    run = tmp_path_factory.mktemp("analysed") / "run"
+    shutil.copytree(tiny_run, run)
+    result = cli("analyze", run, "--bits", "2,4,8", "--calib-size", "64", "--val-size", "128", "--calib-dir", run.parent / "calib",
+                 "--workers", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def _cost(rows: list[dict], bits: int) -> float:
+    return sum(r["sensitivity"][str(bits)] for r in rows)
+
+
+@pytest.mark.parametrize("budget", ["avg-wbits=5", "avg-wbits=4,avg-abits=6", "size-mb=0.03", "bops=0.1"])
+def test_the_plan_meets_its_budget_and_beats_every_uniform_plan_that_does(analysed: Path, budget: str) -> None:
+    sensitivity = json.loads((analysed / "analyze/sensitivity.json").read_text())
+    found = solve(sensitivity, Budget.parse(budget), model_spec("test_resnet").stem)
+    weights, acts = sensitivity["weights"], sensitivity["activations"]
+    resolved = prepare(load_trained(analysed)[0].eval(), "ssql", found["config"], model_spec("test_resnet"))
+    w_bits = [resolved.quant_weights[r["layer"]] for r in weights]
+    a_bits = [resolved.quant_points[r["point"]].bits for r in acts]
+    reached = totals(weights, acts, w_bits, a_bits)  # what the config actually gives the model, not what the solver says
+    by_name = {a["point"]: b for a, b in zip(acts, a_bits, strict=True)}
+    bops = sum(r["macs"] * w * (by_name[r["input_point"]] if r["input_point"] else 8) / 1e9 for r, w in zip(weights, w_bits, strict=True))
+    limits = Budget.parse(budget).limits
+    assert reached["avg_wbits"] <= limits.get("avg-wbits", 8) + 1e-9 and reached["size_mb"] <= limits.get("size-mb", 1e9) + 1e-9
+    assert reached["avg_abits"] <= limits.get("avg-abits", 8) + 1e-9 and bops <= limits.get("bops", 1e9) + 1e-9
+    objective = sum(r["sensitivity"][str(b)] for r, b in zip(weights + acts, w_bits + a_bits, strict=True))
+    assert objective == pytest.approx(found["objective"], abs=1e-6)
+    for w in (2, 4, 8):
+        for a in (2, 4, 8):
+            uniform = totals(weights, acts, [w] * len(weights), [a] * len(acts))
+            fits = uniform["avg_wbits"] <= limits.get("avg-wbits", 8) and uniform["avg_abits"] <= limits.get("avg-abits", 8)
+            fits &= uniform["size_mb"] <= limits.get("size-mb", 1e9) and "bops" not in limits
+            if fits:
+                assert objective <= _cost(weights, w) + _cost(acts, a) + 1e-9
+
+
+def test_bits_auto_quantizes_exports_and_its_config_is_reusable(analysed: Path, tmp_path: Path, cli: CliRun) -> None:
+    calib = ["--calib-size", "64", "--calib-dir", analysed.parent / "calib", "--subset", "256", "--workers", "0"]
+    result = cli("quantize", analysed, "--bits", "auto", "--budget", "avg-wbits=4", *calib)
+    assert result.returncode == 0, result.stderr
+    (quant,) = [p for p in (analysed / "quant").iterdir() if p.is_dir()]
+    manifest = json.loads((quant / "manifest.json").read_text())
+    assert manifest["metrics"]["auto_bits"]["avg_wbits"] <= 4 and quant.name.startswith("w")
+    again = cli("quantize", analysed, "--config", quant / "config.json", "--out", tmp_path / "again", *calib)
+    assert again.returncode == 0, again.stderr
+    redone = json.loads((tmp_path / "again/quant" / quant.name / "manifest.json").read_text())
+    assert redone["metrics"]["layers"]["weights"] == manifest["metrics"]["layers"]["weights"]
+    exported = cli("export", analysed, "--bits", quant.name)
+    assert exported.returncode == 0, exported.stderr
+    assert (analysed / "export" / f"{quant.name}-ort" / "model.qdq.onnx").is_file()
+
+
+def test_bits_auto_refuses_what_it_cannot_plan(tiny_run: Path, analysed: Path, tmp_path: Path, cli: CliRun) -> None:
+    unanalysed = tmp_path / "run"
+    shutil.copytree(tiny_run, unanalysed)
+    for run, extra, needle in ((unanalysed, ["--budget", "avg-wbits=4"], "ssql-deploy analyze"),
+                               (analysed, ["--budget", "avg-wbits=1"], "loosen the budget"),
+                               (analysed, ["--budget", "wbits=4"], "malformed --budget"),
+                               (analysed, [], "takes a budget")):  # fmt: skip
+        assert_user_error(cli("quantize", run, "--bits", "auto", *extra), needle)
+    assert_user_error(cli("quantize", analysed, "--bits", "w4a4", "--budget", "avg-wbits=4"), "only to --bits auto")
+    assert_user_error(cli("quantize", analysed, "--config", tmp_path / "none.json"), "does not exist")
