@@ -184,6 +184,8 @@ class QuantizeRecipe(DataRecipe):
     layer_bits: list[str] | dict[str, Any] = []  # overrides of the default widths, in order: PATTERN=SPEC or {PATTERN: SPEC}
     budget: str | None = None  # with bits "auto": avg-wbits=A, size-mb=X, avg-abits=A, bops=Y (comma-joined)
     config: Path | None = None  # a config.json another quantize wrote (say, with bits "auto"): its widths, reused as they are
+    max_drop: float | None = Field(default=None, ge=0)  # accuracy control: give layers back to 8 bits / float until within this
+    val_size: int = Field(default=512, ge=1)  # labelled training images (apart from the calibration ones) accuracy control scores
     calib: Calibrator = "percentile"
     percentile: float = Field(default=99.99, gt=50, le=100)
     calib_size: int = Field(default=512, ge=1)
@@ -239,6 +241,13 @@ class QuantizeRecipe(DataRecipe):
         if self.lsq and (self.reconstruct or self.bias_correction):
             raise UserError("--lsq trains weights and step sizes; --reconstruct and --bias-correction fix them without training",
                             "choose one: --lsq, or --reconstruct / --bias-correction")  # fmt: skip
+        if self.max_drop is not None and (self.lsq or self.reconstruct or self.bias_correction):
+            raise UserError("--max-drop re-quantizes after every fallback step, which it does with calibration only",
+                            "drop --lsq / --reconstruct / --bias-correction, or --max-drop")  # fmt: skip
+        if self.max_drop is not None and self.bits == "auto":
+            raise UserError(
+                "--max-drop starts from fixed widths", "quantize with --bits auto first, then pass its config.json with --config"
+            )
         if self.reconstruct is None and self.iters is not None:
             raise UserError("--iters applies only to a reconstruction", "add --reconstruct adaround|brecq|qdrop")
         if self.reconstruct is not None and self.iters is None:

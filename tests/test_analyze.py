@@ -4,14 +4,19 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CliRun, assert_user_error
+from onnx import numpy_helper
 
 from ssql_deploy.analyze.allocate import Budget, solve, totals
 from ssql_deploy.analyze.sensitivity import Settings, Validation, hutchinson_traces, measure
 from ssql_deploy.data import DataSource
+from ssql_deploy.export.onnx_graph import INPUT_NAME
+from ssql_deploy.export.ort_session import make_session
 from ssql_deploy.models import model_spec
 from ssql_deploy.models.trained import load_trained
 from ssql_deploy.quant.calib_set import load_calibration, load_validation
@@ -154,3 +159,43 @@ def test_bits_auto_refuses_what_it_cannot_plan(tiny_run: Path, analysed: Path, t
         assert_user_error(cli("quantize", run, "--bits", "auto", *extra), needle)
     assert_user_error(cli("quantize", analysed, "--bits", "w4a4", "--budget", "avg-wbits=4"), "only to --bits auto")
     assert_user_error(cli("quantize", analysed, "--config", tmp_path / "none.json"), "does not exist")
+
+
+def test_max_drop_gives_layers_back_until_the_exported_artifact_meets_it(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    calib = ["--calib-size", "64", "--val-size", "256", "--calib-dir", tmp_path / "calib", "--subset", "256", "--workers", "0"]
+    result = cli("quantize", run, "--bits", "w2a2", "--max-drop", "1", *calib)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy control" in result.stderr + result.stdout
+    (quant,) = [p for p in (run / "quant").iterdir() if p.is_dir()]
+    report = json.loads((quant / "manifest.json").read_text())["metrics"]["accuracy_control"]
+    assert report["met"] and report["fallbacks"] >= 1 and report["steps"][0]["drop"] > 1 >= report["steps"][-1]["drop"]
+    # what accuracy control measured in memory is what the exported file scores on the same validation images
+    assert cli("export", run, "--bits", quant.name).returncode == 0
+    session = make_session(run / "export" / f"{quant.name}-ort" / "model.qdq.onnx", 2)
+    images, labels, _ = load_validation(load_trained(run)[1].source(), 256, 64, tmp_path / "calib")
+    predicted = np.concatenate([session.run(None, {INPUT_NAME: x.numpy()})[0].argmax(1) for x in images.split(64)])
+    assert 100.0 * float((predicted == labels.numpy()).mean()) == pytest.approx(report["steps"][-1]["top1"], abs=1e-3)
+    assert_user_error(cli("quantize", run, "--bits", "w2a2", "--max-drop", "1", "--lsq", "--epochs", "1"), "--max-drop")
+
+
+def test_debug_finds_the_layer_where_a_planted_fault_makes_the_artifact_depart(deployed: Path, tmp_path: Path, cli: CliRun) -> None:
+    clean = cli("debug", deployed / "export/w4a4-ort", "--images", "128", "--out", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    report = json.loads((tmp_path / "clean/debug.json").read_text())
+    assert report["top1_agreement"] >= 99 and report["integer_convs"] == report["convs"] and not report["problems"]
+    assert set(report["float_ops"]) == {"GlobalAveragePool", "Gemm"} and (tmp_path / "clean/debug.png").is_file()
+    # the same artifact with one activation scale 1.5x too large: the debugger names that layer as where divergence starts
+    faulty = tmp_path / "faulty"
+    shutil.copytree(deployed / "export/w4a4-ort", faulty)
+    model = onnx.load(str(faulty / "model.qdq.onnx"))
+    (scale,) = [t for t in model.graph.initializer if t.name == "aq_layer2_0_relu_scale"]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
+    onnx.save(model, str(faulty / "model.qdq.onnx"))
+    broken = cli("debug", faulty / "model.qdq.onnx", "--images", "128")
+    assert broken.returncode == 0, broken.stderr
+    found = json.loads((faulty / "debug/debug.json").read_text())
+    assert found["first_departure"] == "layer2_0_relu" and report["first_departure"] is None
+    assert_user_error(cli("debug", deployed / "export/fp32"), "FP32 baseline")
+    assert_user_error(cli("debug", tmp_path / "nothing"), "not an exported model")

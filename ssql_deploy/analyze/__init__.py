@@ -1,1 +1,1 @@
-"""Per-layer sensitivity analysis: which layers a low width hurts (`ssql-deploy analyze`)."""
+"""Where quantization hurts and what to do about it: per-layer sensitivity, mixed-precision plans, accuracy control, and the artifact-vs-PyTorch debugger."""

@@ -10,7 +10,7 @@ for _name, _command in (
     ("datasets", catalog.datasets_cmd), ("models", catalog.models_cmd),
     ("pretrain", train.pretrain_cmd), ("finetune", train.finetune_cmd),
     ("analyze", analyze.analyze_cmd), ("quantize", deploy.quantize_cmd), ("export", deploy.export_cmd),
-    ("bench", measure.bench_cmd), ("gate", measure.gate_cmd), ("run", measure.run_cmd),
+    ("bench", measure.bench_cmd), ("debug", analyze.debug_cmd), ("gate", measure.gate_cmd), ("run", measure.run_cmd),
 ):  # fmt: skip
     app.command(_name)(_command)
 

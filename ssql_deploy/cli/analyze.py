@@ -1,4 +1,4 @@
-"""`ssql-deploy analyze`: which layers of a trained model a low width hurts."""
+"""`ssql-deploy analyze` and `debug`: which layers a low width hurts, and where an artifact departs from PyTorch."""
 
 from pathlib import Path
 from typing import Annotated
@@ -55,3 +55,32 @@ def analyze_cmd(
     results.print(table)
     results.print(f"cost: {result['evaluations']} evaluations of {result['validation']['images']} images, {result['seconds']:.1f} s")
     results.print(f"sensitivity: {result['paths']['sensitivity']}\nheat-map:    {result['paths']['heatmap']}")
+
+
+@user_errors("nothing was written (an earlier debug report, if any, is unchanged)")
+def debug_cmd(
+    artifact: Annotated[Path, typer.Argument(help="An export directory (RUN/export/VARIANT-ENGINE) or its model.qdq.onnx.")],
+    images: Annotated[int, typer.Option("--images", min=1, help="Test images both models run on.")] = 256,
+    data_root: Annotated[Path | None, typer.Option("--data-root", help="Directory holding the dataset files. "
+                                                   "[default: the one the model was trained with]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for debug.json and debug.png. [default: ARTIFACT's debug/]")] = None,
+) -> None:  # fmt: skip
+    """Run an exported model in ONNX Runtime and its PyTorch twin on the same images: per-layer deviation, float nodes."""
+    from ssql_deploy.analyze.debug import run_debug
+
+    result = run_debug(artifact, images, out, data_root)
+    table = Table(title=f"{result['artifact']} vs its PyTorch twin, {result['images']} test images: top-1 agreement "
+                        f"{result['top1_agreement']:.2f}%, first layer beyond rounding ties: {result['first_departure'] or 'none'}")  # fmt: skip
+    for column in ("layer (activation, graph order)", "values off >= 0.5 step", "largest deviation (steps)"):
+        table.add_column(column, justify="left" if column.startswith("layer") else "right")
+    for name, row in result["layers"].items():
+        mark = " <- departs here" if name == result["first_departure"] else " <- first tie" if name == result["first_mismatch"] else ""
+        table.add_row(name + mark, f"{100 * row['mismatch_fraction']:.4f}%", f"{row['max_steps']:g}")
+    results.print(table)
+    results.print(f"integer convolutions: {result['integer_convs']} of {result['convs']}")
+    for op, info in result["float_ops"].items():
+        results.print(f"float after ONNX Runtime's optimizations: {info['count']} {op} ({', '.join(info['nodes'][:4])}"
+                      f"{', ...' if info['count'] > 4 else ''}): {info['why']}", highlight=False)  # fmt: skip
+    for problem in result["problems"]:
+        results.print(f"[red]problem:[/] {problem}")
+    results.print(f"json: {result['paths']['json']}\nplot: {result['paths']['png']}")

@@ -35,6 +35,11 @@ def quantize_cmd(
                           "'*.conv.1.*=w6'. Repeatable. [default: none; the stem stays at w8a8]")] = None,
     calib: Annotated[Calibrator | None, recipe_option(Q, "calib", "Activation range calibrator.")] = None,
     percentile: Annotated[float | None, recipe_option(Q, "percentile", "Percentile for --calib percentile.")] = None,
+    max_drop: Annotated[float | None, recipe_option(Q, "max_drop", "Accuracy control: while the ONNX Runtime artifact's top-1 on "
+                        "validation images is more than this many points below FP32, give the costliest layer back to 8 bits (then "
+                        "float), re-exporting and re-scoring after each step.", default="none")] = None,
+    val_size: Annotated[int | None, recipe_option(Q, "val_size", "Validation images for --max-drop: training images apart from "
+                        "the calibration ones (never the test split).")] = None,
     calib_size: Annotated[int | None, recipe_option(Q, "calib_size", "Calibration images from the training split.")] = None,
     calib_dir: Annotated[Path | None, recipe_option(Q, "calib_dir", "Where calibration manifests live (created on first use).")] = None,
     arch: Annotated[str | None, recipe_option(Q, "arch", "Architecture, only for plain state dicts that do not record it.",
@@ -70,7 +75,7 @@ def quantize_cmd(
     if source is not None and ckpt is not None:
         raise UserError("give a run directory or --ckpt, not both")
     settings = QuantizeRecipe.build(
-        recipe, source=source or ckpt, bits=bits, layer_bits=layer_bits, budget=budget, config=config, calib=calib, percentile=percentile, calib_size=calib_size,
+        recipe, source=source or ckpt, bits=bits, layer_bits=layer_bits, budget=budget, config=config, max_drop=max_drop, val_size=val_size, calib=calib, percentile=percentile, calib_size=calib_size,
         calib_dir=calib_dir, arch=arch, data=data, data_root=data_root, input_size=input_size, subset=subset, workers=workers,
         out=out, reconstruct=reconstruct, iters=iters, recon_size=recon_size, bias_correction=bias_correction, lsq=lsq, epochs=epochs,
         lr=lr, lsq_init=lsq_init, freeze_bn_after=freeze_bn_after, train_steps_only=train_steps_only, batch_size=batch_size, seed=seed,

@@ -63,7 +63,7 @@ HEAD_WHY = "in the classification head, which stays float (as in SSQL: the class
 NO_KERNEL_WHY = "ONNX Runtime has no integer kernel for it here: it runs in float between DequantizeLinear and QuantizeLinear"
 
 
-def float_ops(graph: onnx.GraphProto) -> dict[str, dict[str, int | str]]:
+def float_ops(graph: onnx.GraphProto) -> dict[str, dict[str, Any]]:
     """Compute ops of an optimized graph that run on floats, by op type, with why.
 
     A tensor is integer when a QuantizeLinear or a QLinear* kernel made it, or a shape/selection op
@@ -94,15 +94,16 @@ def float_ops(graph: onnx.GraphProto) -> dict[str, dict[str, int | str]]:
                     return True
         return False
 
-    found: dict[str, dict[str, int | str]] = {}
+    found: dict[str, dict[str, Any]] = {}
     for node in graph.node:
         if node.op_type in _NO_COMPUTE or node.op_type in _INTEGER_PRODUCERS or node.op_type.startswith("QLinear"):
             continue
         if node.output and is_integer(node.output[0]):
             continue
         why = NO_KERNEL_WHY if reaches_quantize(node, set()) else HEAD_WHY
-        entry = found.setdefault(node.op_type, {"count": 0, "why": why})
+        entry = found.setdefault(node.op_type, {"count": 0, "why": why, "nodes": []})
         entry["count"] = int(entry["count"]) + 1
+        entry["nodes"].append(node.name)  # type: ignore[union-attr]
         if why == NO_KERNEL_WHY:
             entry["why"] = why
     return found

@@ -86,6 +86,11 @@ def load_quantized(path: Path, layout: Layout | None = None) -> LoadedQuantized:
     obj = load_checkpoint(path)
     if obj.get("kind") not in ("quantized", "model", "trainer-state") or "points" not in obj:
         raise UserError(f"{path} is not a quantized model (kind {obj.get('kind')!r})", "pass the output of `ssql-deploy quantize`")
+    return from_payload(obj, layout, str(path))
+
+
+def from_payload(obj: dict[str, Any], layout: Layout | None = None, where: str = "the quantized model") -> LoadedQuantized:
+    """A quantized model's payload (as saved, or `quantized_payload` in memory) rebuilt in `layout`."""
     meta = ModelMeta.from_checkpoint(obj)
     model = build_model(meta)
     wanted = set(model.state_dict())
@@ -93,7 +98,7 @@ def load_quantized(path: Path, layout: Layout | None = None) -> LoadedQuantized:
     gm = prepare(model, layout or obj["layout"], saved_config(obj), model_spec(meta.arch))
     if (layout is None or layout == obj["layout"]) and "table" in obj:
         if _widths(layer_table(gm)) != _widths(obj["table"]):
-            raise UserError(f"{path} resolves to other per-layer widths with this version of ssql-deploy", "quantize the model again")
+            raise UserError(f"{where} resolves to other per-layer widths with this version of ssql-deploy", "quantize the model again")
     missing = restore_quant_state(gm, obj["model"], obj["points"])
     return LoadedQuantized(gm, model.eval(), meta, obj, missing)
 

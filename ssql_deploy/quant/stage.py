@@ -13,9 +13,9 @@ from ssql_deploy.evaluate import eval_loader, evaluate_top1, model_data
 from ssql_deploy.finetune.loop import refuse_or_resume
 from ssql_deploy.manifest import write_manifest
 from ssql_deploy.models.registry import model_spec
-from ssql_deploy.models.trained import load_trained
+from ssql_deploy.models.trained import ModelMeta, load_trained
 from ssql_deploy.quant.artifact import save_quantized
-from ssql_deploy.quant.calib_set import load_calibration
+from ssql_deploy.quant.calib_set import load_calibration, load_validation
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.quant.lsq import STAGE as LSQ_STAGE
@@ -60,6 +60,22 @@ def _solve_widths(recipe: QuantizeRecipe, run_dir: Path) -> tuple[QuantizeRecipe
     return QuantizeRecipe.model_validate(recipe.model_dump() | widths), planned | {"budget": recipe.budget}
 
 
+def _control(recipe: QuantizeRecipe, config: QuantConfig, model: torch.nn.Module, meta: ModelMeta, source: DataSource,
+             batches: list[torch.Tensor], inputs: dict[str, Path]) -> tuple[QuantizeRecipe, QuantConfig, torch.fx.GraphModule, dict[str, Any]]:  # fmt: skip
+    """`--max-drop`: the config whose ONNX Runtime artifact meets the drop on validation images, and its calibrated model."""
+    from ssql_deploy.analyze.accuracy_control import Context, control
+    from ssql_deploy.analyze.sensitivity import Validation
+
+    assert recipe.max_drop is not None
+    images, labels, inputs["val_manifest"] = load_validation(source, recipe.val_size, recipe.calib_size, recipe.calib_dir)
+    ctx = Context(
+        model, meta, model_spec(meta.arch), batches, recipe.calib, recipe.percentile, Validation(images, labels, recipe.batch_size)
+    )
+    config, gm, report = control(config, recipe.max_drop, ctx)
+    widths = {"bits": str(config.default), "layer_bits": config.override_specs()}
+    return QuantizeRecipe.model_validate(recipe.model_dump() | widths), config, gm, report
+
+
 def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]:
     if not recipe.source.exists():
         raise UserError(f"{recipe.source} does not exist", "pass a run directory (the --out of `ssql-deploy finetune`) or a checkpoint")
@@ -68,8 +84,7 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     run_dir = recipe.out or recipe.source
     recipe, planned = _solve_widths(recipe, run_dir) if recipe.bits == "auto" else (recipe, None)
     config = QuantConfig.from_bits(recipe.bits, recipe.layer_bits)
-    name = recipe.variant()
-    out_dir = RunLayout(run_dir).quant(name)
+    out_dir = RunLayout(run_dir).quant(recipe.variant())
     state = refuse_or_resume(out_dir, LSQ_STAGE, resume) if recipe.lsq else None
     if resume and not recipe.lsq:
         raise UserError("--resume continues an interrupted LSQ training; post-training quantization has nothing to resume", "add --lsq")
@@ -80,8 +95,14 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     gm = prepare(model, "ssql", config, model_spec(meta.arch))  # before any data: a config naming no module is refused at once
     source = model_data(meta, recipe.data, recipe.data_root, recipe.input_size, recipe.download)
     batches, calib_manifest = load_calibration(source, recipe.calib_size, recipe.calib_dir)
-    calibrate(gm, batches, recipe.calib, recipe.percentile)
     inputs: dict[str, Path] = {"model": source_file, "calib_manifest": calib_manifest}
+    if recipe.max_drop is not None:
+        recipe, config, gm, controlled = _control(recipe, config, model, meta, source, batches, inputs)
+        out_dir = RunLayout(run_dir).quant(recipe.variant())
+    else:
+        calibrate(gm, batches, recipe.calib, recipe.percentile)
+        controlled = None
+    name = recipe.variant()
     adjusted = _reconstruct(gm, recipe, source, inputs) if recipe.reconstruct or recipe.bias_correction else {}
     loader = eval_loader(source, recipe.subset, recipe.batch_size, recipe.workers)
     cpu, one = torch.device("cpu"), DistInfo()
@@ -102,6 +123,8 @@ def run_quantize(recipe: QuantizeRecipe, resume: bool = False) -> dict[str, Any]
     metrics["layers"] = layer_table(gm)
     if planned is not None:
         metrics["auto_bits"] = planned
+    if controlled is not None:
+        metrics["accuracy_control"] = controlled
     save_quantized(out_dir / QUANT_FILE, gm, meta, name, recipe.lsq, info)
     write_text_atomic(out_dir / CONFIG_FILE, config.model_dump_json(indent=1) + "\n")
     write_manifest(out_dir, STAGE, inputs,

@@ -1,0 +1,101 @@
+"""`ssql-deploy debug ARTIFACT`: where an exported model departs from its PyTorch twin, layer by layer.
+
+Users of every engine ask for this (TensorRT#4063, aimet#2658): the accuracy of the artifact is
+not the simulation's and nobody says where. The export already keeps the PyTorch model of the
+artifact's own layout (`twin.pt`); this runs both on the same test images and reports, for every
+quantized activation in graph order, the largest deviation in quantization steps, the share of
+values off by half a step or more, the first layer where any value differs (a rounding tie, as a
+rule) and the first where more values differ than ties explain (a fault: export/parity.py),
+the top-1 agreement of the optimized ONNX Runtime session, and every node ONNX Runtime left in
+float after its optimizations, with why. Writes debug.json and debug.png beside nothing shipped:
+in DEBUG_DIR (default: the export directory's `debug/`).
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import onnx
+import torch
+
+from ssql_deploy.bench.artifacts import onnx_props
+from ssql_deploy.errors import UserError
+from ssql_deploy.evaluate import check_classes
+from ssql_deploy.export.ort_session import integer_conv_report
+from ssql_deploy.export.parity import MAX_FIRST_MISMATCH_FRACTION, check_parity
+from ssql_deploy.quant.artifact import load_quantized
+from ssql_deploy.run import atomic_open, write_text_atomic
+from ssql_deploy.run_layout import FP32_FILE, TWIN_FILE
+from ssql_deploy.runtimes import QDQ_FILE
+
+BATCH = 64
+
+
+def _artifact(path: Path) -> tuple[Path, Path]:
+    """The QDQ ONNX file and its twin, from an export directory or the .onnx inside one."""
+    onnx_path = path / QDQ_FILE if path.is_dir() else path
+    if onnx_path.name == FP32_FILE or (path.is_dir() and (path / FP32_FILE).is_file()):
+        raise UserError(f"{path} is the FP32 baseline: nothing in it is quantized", "debug a quantized export (RUN/export/VARIANT-ENGINE)")
+    if not onnx_path.is_file():
+        raise UserError(f"{path} is not an exported model", f"pass an export directory (RUN/export/VARIANT-ENGINE) or its {QDQ_FILE}")
+    if onnx_path.suffix == ".plan":
+        raise UserError(f"{path} is a TensorRT engine", f"debug its {QDQ_FILE} here; engine layer precisions need a GPU machine")
+    twin = onnx_path.parent / TWIN_FILE
+    if not twin.is_file():
+        raise UserError(f"{onnx_path} has no {TWIN_FILE} beside it, so there is no PyTorch model to compare it with",
+                        "debug a model written by `ssql-deploy export`, in its export directory")  # fmt: skip
+    return onnx_path, twin
+
+
+def run_debug(path: Path, images: int, out: Path | None, data_root: Path | None = None) -> dict[str, Any]:
+    onnx_path, twin_path = _artifact(path)
+    onnx_props(onnx_path)  # a file that is not ONNX is refused in one line
+    loaded = load_quantized(twin_path)
+    source = loaded.meta.source(None, data_root)
+    check_classes(loaded.meta, source)
+    split = source.split("test", images)
+    batch = torch.stack([split[i][0] for i in range(len(split))])  # type: ignore[arg-type]
+    model = onnx.load(str(onnx_path))
+    parity = check_parity(loaded.gm, model, list(batch.split(BATCH)))
+    kernels = integer_conv_report(model)
+    result = {"artifact": str(onnx_path), "twin": str(twin_path), "images": parity["images"], "data": source.describe(),
+              "top1_agreement": parity["top1_agreement"], "max_abs_logit_diff": parity["max_abs_logit_diff"],
+              "first_mismatch": parity["first_mismatch"], "first_departure": _first_departure(parity["per_layer"]),
+              "layers": parity["per_layer"], "problems": parity["problems"],
+              "integer_convs": kernels["integer_convs"], "convs": kernels["convs"], "float_ops": kernels["float_ops"]}  # fmt: skip
+    out_dir = out or onnx_path.parent / "debug"
+    paths = {"json": out_dir / "debug.json", "png": out_dir / "debug.png"}
+    write_text_atomic(paths["json"], json.dumps(result, indent=1) + "\n")
+    _plot(result, paths["png"])
+    return result | {"paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _first_departure(layers: dict[str, dict[str, float]]) -> str | None:
+    """The first layer whose values differ by more than rounding ties do (parity.py): where a real fault shows first."""
+    return next((name for name, row in layers.items() if row["mismatch_fraction"] > MAX_FIRST_MISMATCH_FRACTION), None)
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    names = list(result["layers"])
+    fractions = [100 * result["layers"][n]["mismatch_fraction"] for n in names]
+    steps = [result["layers"][n]["max_steps"] for n in names]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.22 * len(names) + 3), 7), sharex=True)
+    top.bar(range(len(names)), fractions, color="tab:red")
+    top.set_ylabel("values off by >= 0.5 step (%)")
+    top.set_title(f"{Path(result['artifact']).parent.name}: ONNX Runtime vs PyTorch twin on {result['images']} test images "
+                  f"(top-1 agreement {result['top1_agreement']:.1f}%)")  # fmt: skip
+    bottom.bar(range(len(names)), steps, color="tab:blue")
+    bottom.set_ylabel("largest deviation (steps)")
+    bottom.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, axis="y")
+        if result["first_departure"] in names:
+            ax.axvline(names.index(result["first_departure"]), color="grey", linestyle="--", linewidth=1)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
