@@ -199,3 +199,14 @@ def test_debug_finds_the_layer_where_a_planted_fault_makes_the_artifact_depart(d
     assert found["first_departure"] == "layer2_0_relu" and report["first_departure"] is None
     assert_user_error(cli("debug", deployed / "export/fp32"), "FP32 baseline")
     assert_user_error(cli("debug", tmp_path / "nothing"), "not an exported model")
+
+
+def test_export_reports_the_weights_packed_at_their_widths(deployed: Path) -> None:
+    export = json.loads((deployed / "export/w4a4-ort/manifest.json").read_text())["metrics"]["weight_storage"]
+    table = json.loads((deployed / "quant/w4a4/manifest.json").read_text())["metrics"]["layers"]["weights"]
+    state = load_trained(deployed)[0].state_dict()
+    params = {row["layer"]: state[f"{row['layer']}.weight"].numel() for row in table if row["w"]}
+    assert export["quantized_weights_int8_bytes"] == sum(params.values())
+    assert export["quantized_weights_packed_bytes"] == sum(-(-params[r["layer"]] * r["w"] // 8) for r in table if r["w"])
+    assert export["quantized_weights_packed_bytes"] < 0.6 * export["quantized_weights_int8_bytes"] and "int4" in export["note"]
+    assert export["onnx_file_bytes"] == (deployed / "export/w4a4-ort/model.qdq.onnx").stat().st_size

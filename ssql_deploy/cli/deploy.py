@@ -166,6 +166,13 @@ def export_cmd(
         results.print(f"ONNX Runtime runs {k['integer_convs']} of {k['convs']} convolutions as integer kernels")
         for op, info in k["float_ops"].items():
             results.print(f"  float in ONNX Runtime: {info['count']} {op}: {info['why']}", highlight=False)
+    size = metrics.weight_storage
+    if size is not None:
+        results.print(f"weights: ONNX file {size['onnx_file_bytes'] / 1e6:.3f} MB (quantized conv weights as int8: "
+                      f"{size['quantized_weights_int8_bytes'] / 1e6:.3f} MB); packed at their widths: "
+                      f"{size['quantized_weights_packed_bytes'] / 1e6:.3f} MB, whole model {size['packed_total_bytes'] / 1e6:.3f} MB")  # fmt: skip
+        if size["note"]:
+            results.print(f"note: {size['note']}")
     build = metrics.engine_build
     if build and not build.built:
         runtime = RUNTIMES[ENGINES[metrics.engine].runtime].title

@@ -21,6 +21,7 @@ from ssql_deploy.export.engine_checks import CHECKS
 from ssql_deploy.export.onnx_graph import INPUT_NAME, build_onnx
 from ssql_deploy.export.ort_session import cpu_has_amx_int8
 from ssql_deploy.export.parity import check_parity
+from ssql_deploy.export.storage import weight_storage
 from ssql_deploy.export.tensorrt_engine import build_engine, tensorrt_status, trtexec_command
 from ssql_deploy.manifest import Manifest, read_manifest, unverified_reason, write_manifest
 from ssql_deploy.models.checkpoint import save_atomic
@@ -63,6 +64,7 @@ class ExportMetrics(BaseModel):
     check: dict[str, Any]  # the engine's own check (engine_checks.py)
     parity: dict[str, Any]
     engine_build: EngineBuild | None = None
+    weight_storage: dict[str, Any] | None = None  # export/storage.py; None in manifests written before it existed
 
     @classmethod
     def of(cls, manifest: Manifest) -> "ExportMetrics":
@@ -149,7 +151,8 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     build = _build_tensorrt(onnx_path, fp32_path, out_dir, chw, recipe, outputs) if engine.builds_from_onnx and not problems else None
     metrics = ExportMetrics(variant=label, engine=engine.name, status="failed: " + problems[0] if problems else "ok",
                             notes=_numerics_notes(gm) + check.notes, newly_calibrated_points=sorted(missing),
-                            weight_zero_point=zero_point, check=check.report, parity=parity, engine_build=build)  # fmt: skip
+                            weight_zero_point=zero_point, check=check.report, parity=parity, engine_build=build,
+                            weight_storage=weight_storage(gm, onnx_path))  # fmt: skip
     write_manifest(out_dir, STAGE, {"quantized": qpath, "calib_manifest": calib_manifest, "fp32_onnx": fp32_path},
                    recipe.model_dump(mode="json"), metrics.model_dump(mode="json"), outputs)  # fmt: skip
     if problems:
