@@ -26,7 +26,7 @@ from ssql_deploy.bench.artifacts import onnx_props
 from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import check_classes
 from ssql_deploy.export.ort_session import integer_conv_report
-from ssql_deploy.export.parity import MAX_FIRST_MISMATCH_FRACTION, check_parity
+from ssql_deploy.export.parity import check_parity
 from ssql_deploy.quant.artifact import load_quantized
 from ssql_deploy.run import atomic_open, write_text_atomic
 from ssql_deploy.run_layout import FP32_FILE, TWIN_FILE
@@ -64,7 +64,7 @@ def run_debug(path: Path, images: int, out: Path | None, data_root: Path | None 
     kernels = integer_conv_report(model)
     result = {"artifact": str(onnx_path), "twin": str(twin_path), "images": parity["images"], "data": source.describe(),
               "top1_agreement": parity["top1_agreement"], "max_abs_logit_diff": parity["max_abs_logit_diff"],
-              "first_mismatch": parity["first_mismatch"], "first_departure": _first_departure(parity["per_layer"]),
+              "first_mismatch": parity["first_mismatch"], "first_departure": parity["first_departure"],
               "layers": parity["per_layer"], "problems": parity["problems"],
               "integer_convs": kernels["integer_convs"], "convs": kernels["convs"], "float_ops": kernels["float_ops"]}  # fmt: skip
     out_dir = out or onnx_path.parent / "debug"
@@ -72,11 +72,6 @@ def run_debug(path: Path, images: int, out: Path | None, data_root: Path | None 
     write_text_atomic(paths["json"], json.dumps(result, indent=1) + "\n")
     _plot(result, paths["png"])
     return result | {"paths": {k: str(v) for k, v in paths.items()}}
-
-
-def _first_departure(layers: dict[str, dict[str, float]]) -> str | None:
-    """The first layer whose values differ by more than rounding ties do (parity.py): where a real fault shows first."""
-    return next((name for name, row in layers.items() if row["mismatch_fraction"] > MAX_FIRST_MISMATCH_FRACTION), None)
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
