@@ -336,6 +336,15 @@ class ExportRecipe(Recipe):
         return self
 
 
+def _onnx_runtimes(names: list[str]) -> list[str]:
+    from ssql_deploy.runtimes import ONNX_RUNTIMES
+
+    unknown = [n for n in names if n.strip().lower() not in ONNX_RUNTIMES]
+    if unknown:
+        raise ValueError(f"unknown runtime {unknown[0]!r}; choose from ort, openvino (for example ort,openvino)")
+    return list(dict.fromkeys(ONNX_RUNTIMES[n.strip().lower()] for n in names))
+
+
 class BenchRecipe(DataRecipe):
     kind: Literal["bench"] = "bench"
     artifacts: list[Path] = Field(min_length=1)
@@ -346,6 +355,7 @@ class BenchRecipe(DataRecipe):
     rounds: int = Field(default=5, ge=2)  # timed runs are split into rounds that rotate over the artifacts
     threads: int | None = Field(default=None, ge=1)  # default: all cores
     eval_batch: int = Field(default=256, ge=1)
+    runtimes: Annotated[list[str], AfterValidator(_onnx_runtimes)] = Field(default=["onnxruntime"], min_length=1)  # what runs each ONNX file
     out: Directory = Path("runs/bench")
 
 

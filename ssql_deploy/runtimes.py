@@ -19,7 +19,7 @@ from typing import Literal, get_args
 from ssql_deploy.quant.layouts import Layout
 
 Engine = Literal["ort", "trt"]
-RuntimeName = Literal["torch", "onnxruntime", "tensorrt"]
+RuntimeName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
 QDQ_FILE = "model.qdq.onnx"  # every engine's export writes this graph; ort ships it as is
 
 
@@ -29,6 +29,7 @@ class Runtime:
     title: str
     needs_gpu: bool
     baseline: str  # the row of this runtime a speed-up is measured against (same network, float)
+    prefix: str = ""  # before the row name of an ONNX file this runtime runs besides ONNX Runtime (`ov-qdq-ort-w8a8`)
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,11 @@ class EngineSpec:
 RUNTIMES: dict[RuntimeName, Runtime] = {
     "torch": Runtime("torch", "PyTorch (fake-quant simulation)", needs_gpu=False, baseline="torch-fp32"),
     "onnxruntime": Runtime("onnxruntime", "ONNX Runtime", needs_gpu=False, baseline="onnx-fp32"),
+    "openvino": Runtime("openvino", "OpenVINO", needs_gpu=False, baseline="ov-fp32", prefix="ov-"),
     "tensorrt": Runtime("tensorrt", "TensorRT", needs_gpu=True, baseline="trt-fp16"),
 }
+# Runtimes `bench --runtime` runs every ONNX file on (each ONNX artifact gets one row per runtime asked for).
+ONNX_RUNTIMES: dict[str, RuntimeName] = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "openvino": "openvino", "ov": "openvino"}
 ENGINES: dict[Engine, EngineSpec] = {
     "ort": EngineSpec("ort", "ONNX Runtime integer kernels", "ort", QDQ_FILE, "onnxruntime", options=("ort_kernel",)),
     "trt": EngineSpec("trt", "TensorRT explicit quantization", "trt", "model.plan", "tensorrt", options=("trt_batches", "build_engine")),

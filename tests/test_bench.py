@@ -80,3 +80,26 @@ def test_the_peer_benchmark_gives_quantize_static_the_ops_and_calibration_ours_g
         )
         assert theirs == ours, (calibrator, theirs, ours)
     assert ours["QLinearConv"] == 12 and ours.get("QLinearAdd", 0) == 4 and "QGemm" not in ours
+
+
+def test_openvino_runs_every_onnx_file_beside_onnx_runtime_and_reports_its_int8_convolutions(
+    deployed: Path, tmp_path: Path, cli: CliRun
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(deployed, run)
+    assert cli("export", run, "--bits", "w4a4", "--engine", "trt", "--no-build-engine").returncode == 0
+    out = tmp_path / "bench"
+    result = cli("bench", run, "--runtime", "ort,openvino", "--subset", "256", "--workers", "0", "--batch-sizes", "1", "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert rows["ov-fp32"]["top1"] == rows["onnx-fp32"]["top1"] and rows["ov-fp32"]["agreement"] == 100.0
+    for layout in ("ort", "trt"):  # the same file in both runtimes computes the same model
+        ov, ort_row = rows[f"ov-qdq-{layout}-w4a4"], rows[f"qdq-{layout}-w4a4"]
+        assert ov["agreement"] >= 99 and abs(ov["top1"] - ort_row["top1"]) <= 1.0
+        assert ov["speedup"]["1"]["baseline"] == "ov-fp32"
+    convs = sum(1 for n in onnx.load(str(run / "export/w4a4-trt/model.qdq.onnx")).graph.node if n.op_type == "Conv")
+    assert rows["ov-qdq-trt-w4a4"]["runtime_detail"].endswith(f"{convs} of {convs} convolutions int8")
+    assert rows["ov-qdq-ort-w4a4"]["runtime_detail"].endswith(f"0 of {convs} convolutions int8")
+    assert any("--engine trt" in note for note in rows["ov-qdq-ort-w4a4"]["notes"])
+    bad = cli("bench", run, "--runtime", "tvm", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "unknown runtime 'tvm'" in bad.stderr

@@ -8,7 +8,7 @@ a row, with the reason.
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -180,4 +180,21 @@ def discover(paths: list[Path]) -> list[Artifact]:
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise UserError(f"two artifacts would both be called {sorted(duplicates)[0]}", "bench one run directory at a time")
+    return rows
+
+
+def on_runtimes(artifacts: list[Artifact], runtimes: list[RuntimeName]) -> list[Artifact]:
+    """Each ONNX artifact once per runtime asked for (`bench --runtime ort,openvino`): the same file, its own row."""
+    rows: list[Artifact] = []
+    for artifact in artifacts:
+        if artifact.kind != "onnx":
+            rows.append(artifact)
+            continue
+        for runtime in runtimes:
+            if runtime == artifact.runtime:
+                rows.append(artifact)
+            elif artifact.bits == "fp32":
+                rows.append(replace(artifact, name=RUNTIMES[runtime].baseline, runtime=runtime, notes=list(artifact.notes)))
+            else:
+                rows.append(replace(artifact, name=RUNTIMES[runtime].prefix + artifact.name, runtime=runtime, notes=list(artifact.notes)))
     return rows

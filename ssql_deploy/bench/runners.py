@@ -7,7 +7,7 @@ buffers for TensorRT).
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -78,6 +78,52 @@ class OrtRunner:
         return run
 
 
+class OpenVinoRunner:
+    """An ONNX file compiled by OpenVINO for `device`, with FP32 inference precision so the FP32 row is FP32
+    (on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float layers in bf16)."""
+
+    def __init__(self, path: Path, threads: int, device: str = "CPU") -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ImportError("OpenVINO is not installed (pip install 'ssql-deploy[openvino]')") from None
+        core = ov.Core()
+        if device not in core.available_devices:
+            raise UserError(f"OpenVINO has no device {device} here", f"pick one of {', '.join(core.available_devices)}")
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), device, config)
+        except RuntimeError as exc:
+            said = (str(exc).strip().splitlines() or ["unknown error"])[0]
+            raise UserError(f"OpenVINO {ov.__version__} cannot compile {path}: {said}", "re-export it with `ssql-deploy export`") from None
+        self.request = self.compiled.create_infer_request()
+        convs = openvino_conv_precisions(self.compiled)
+        self.int8_convs, self.convs = convs.get("i8", 0) + convs.get("u8", 0), sum(convs.values())
+        self.detail = f"OpenVINO {ov.__version__} {device}: {self.int8_convs} of {self.convs} convolutions int8"
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.request.infer({0: x})[0])
+
+    def timer(self, batch: int, input_size: int) -> Callable[[], None]:
+        x = _fixed_input(batch, input_size)
+
+        def run() -> None:
+            self.request.infer({0: x})
+
+        return run
+
+
+def openvino_conv_precisions(compiled: Any) -> dict[str, int]:
+    """How many convolutions of the compiled model run at each precision, from its runtime information."""
+    found: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) == "Convolution":
+            precision = info["runtimePrecision"].astype(str)
+            found[precision] = found.get(precision, 0) + 1
+    return found
+
+
 def torch_model(path: Path, kind: str) -> torch.nn.Module:
     """The PyTorch model of a checkpoint: the float network, or the fake-quant graph of its saved layout."""
     if kind == "torch-fakequant":
@@ -98,6 +144,7 @@ def _tensorrt(path: Path, _threads: int) -> Runner:
 RUNNERS: dict[RuntimeName, Callable[[Path, str, int], Runner]] = {
     "torch": lambda path, kind, _threads: TorchRunner(torch_model(path, kind)),
     "onnxruntime": lambda path, _kind, threads: OrtRunner(path, threads),
+    "openvino": lambda path, _kind, threads: OpenVinoRunner(path, threads),
     "tensorrt": lambda path, _kind, threads: _tensorrt(path, threads),
 }
 assert set(RUNNERS) == set(RUNTIMES)

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ssql_deploy.bench.artifacts import Artifact, discover, onnx_input_size
+from ssql_deploy.bench.artifacts import Artifact, discover, on_runtimes, onnx_input_size
 from ssql_deploy.bench.report import write_reports
 from ssql_deploy.bench.runners import Runner, TorchRunner, load_runner, torch_model
 from ssql_deploy.bench.schema import OK, Env, Report, Row, baseline_name
@@ -28,6 +28,10 @@ from ssql_deploy.models.trained import ModelMeta
 from ssql_deploy.progress import progress_bar
 from ssql_deploy.recipe import BenchRecipe
 from ssql_deploy.run import versions
+
+OPENVINO_FLOAT_NOTE = ("OpenVINO ran none of this graph's convolutions in int8: it fuses the signed, symmetric Q/DQ pairs of the "
+                       "trt layout into int8 convolutions, not the ort layout's; export with --engine trt and bench that QDQ ONNX "
+                       "with --runtime openvino")  # fmt: skip
 
 
 def _cpu_name() -> str:
@@ -138,7 +142,7 @@ def _time(runners: dict[str, Runner], sources: dict[str, DataSource], rows: dict
 
 
 def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
-    artifacts = discover(recipe.artifacts)
+    artifacts = on_runtimes(discover(recipe.artifacts), recipe.runtimes)  # type: ignore[arg-type]
     measurable = [a for a in artifacts if a.meta is not None and (a.status == OK or a.status.startswith("unverified"))]
     if not measurable:
         raise UserError("none of the artifacts can be measured", "pass a run directory with a fine-tuned or exported model")
@@ -156,6 +160,8 @@ def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
             rows[artifact.name].status = f"skipped: {str(exc).splitlines()[0]}"
             continue
         rows[artifact.name].runtime_detail = runners[artifact.name].detail
+        if getattr(runners[artifact.name], "int8_convs", None) == 0 and artifact.bits != "fp32":
+            rows[artifact.name].notes.append(OPENVINO_FLOAT_NOTE)
     _score(measurable, runners, sources, rows, recipe)
     _time(runners, sources, rows, recipe)
     data = recipe.data or next(iter(sources.values())).data

@@ -26,6 +26,8 @@ def bench_cmd(
     rounds: Annotated[int | None, recipe_option(B, "rounds", "Interleaved rounds the timed runs are split into (speed-ups are paired per round).")] = None,
     warmup: Annotated[int | None, recipe_option(B, "warmup", "Untimed warm-up runs.")] = None,
     threads: Annotated[int | None, recipe_option(B, "threads", "Threads for every runtime.", default="all cores")] = None,
+    runtime: Annotated[str | None, recipe_option(B, "runtimes", "Comma-separated runtimes every ONNX file runs on: ort (ONNX Runtime), "
+                       "openvino (CPU; needs the openvino extra).", flag="--runtime")] = None,
     subset: SubsetOpt = None,
     workers: WorkersOpt = None,
     out: Annotated[Path | None, recipe_option(B, "out", "Directory for report.json/.md/.png.")] = None,
@@ -34,7 +36,8 @@ def bench_cmd(
     """Measure top-1 on the test split and latency of each artifact; write report.json/.md/.png."""
     settings = BenchRecipe.build(recipe, artifacts=artifacts, data=data, data_root=data_root, input_size=input_size,
                                  batch_sizes=int_list(batch_sizes, "--batch-sizes", "1,32"), runs=runs, rounds=rounds,
-                                 warmup=warmup, threads=threads, subset=subset, workers=workers, out=out)  # fmt: skip
+                                 warmup=warmup, threads=threads, subset=subset, workers=workers, out=out,
+                                 runtimes=runtime.split(",") if runtime else None)  # fmt: skip
     from ssql_deploy.bench.stage import run_bench
 
     print_report(run_bench(settings))
