@@ -311,6 +311,8 @@ class ExportRecipe(Recipe):
     ort_kernel: OrtKernel = "auto"
     trt_batches: Annotated[list[PositiveInt], AfterValidator(_ordered_profile)] = Field(default=[1, 8, 32], min_length=3, max_length=3)
     build_engine: bool = True
+    evalset: bool = False  # also write evalset.npz: the preprocessed test images, for `bench --evalset` on a board
+    eval_size: int | None = Field(default=None, ge=1)  # that many test images (a fixed subset); default all
     data_root: Directory | None = None
     threads: int | None = Field(default=None, ge=1)
     out: Directory | None = None  # default: the source run directory
@@ -355,7 +357,10 @@ class BenchRecipe(DataRecipe):
     rounds: int = Field(default=5, ge=2)  # timed runs are split into rounds that rotate over the artifacts
     threads: int | None = Field(default=None, ge=1)  # default: all cores
     eval_batch: int = Field(default=256, ge=1)
-    runtimes: Annotated[list[str], AfterValidator(_onnx_runtimes)] = Field(default=["onnxruntime"], min_length=1)  # what runs each ONNX file
+    runtimes: Annotated[list[str], AfterValidator(_onnx_runtimes)] = Field(
+        default=["onnxruntime"], min_length=1
+    )  # what runs each ONNX file
+    evalset: Path | None = None  # an evalset.npz (export --evalset): bench ONNX files on it without torch
     out: Directory = Path("runs/bench")
 
 

@@ -21,6 +21,7 @@ from ssql_deploy.quant.layouts import Layout
 Engine = Literal["ort", "trt"]
 RuntimeName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
 QDQ_FILE = "model.qdq.onnx"  # every engine's export writes this graph; ort ships it as is
+INPUT_NAME = "input"  # the graph input of every exported model
 
 
 @dataclass(frozen=True)

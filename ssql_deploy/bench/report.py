@@ -3,10 +3,6 @@
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from rich.table import Table
 
 from ssql_deploy.bench.schema import Report, Row
@@ -97,7 +93,15 @@ def _series(row: Row) -> tuple[str, ...]:
     return tuple(line(e) for e in ENGINES) if row.bits == "fp32" else (line(row.engine or "ort"),)
 
 
-def plot(report: Report, path: Path) -> None:
+def plot(report: Report, path: Path) -> bool:
+    """Draw report.png; False where matplotlib is not installed (a board with only the runtime extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
     rows = [r for r in report.rows if r.top1 is not None]
     fig, (acc_ax, lat_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     order = sorted({r.bits for r in rows}, key=bits_order, reverse=True)
@@ -125,11 +129,13 @@ def plot(report: Report, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_reports(report: Report, out: Path) -> dict[str, Path]:
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
     write_text_atomic(paths["json"], json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
     write_text_atomic(paths["md"], markdown(report))
-    plot(report, paths["png"])
+    if not plot(report, paths["png"]):
+        del paths["png"]
     return paths

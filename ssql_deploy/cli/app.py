@@ -28,6 +28,9 @@ app = typer.Typer(
 )
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The base install runs `bench --evalset` on a board; the rest needs an extra (pyproject.toml).
+EXTRAS = {"torch": "train", "torchvision": "train", "onnx": "train", "matplotlib": "train", "scipy": "train",
+          "onnxruntime": "runtime", "openvino": "openvino"}  # fmt: skip
 TRAINING_KEPT = "finished epochs are saved; continue with the same command and --resume"
 
 
@@ -42,6 +45,15 @@ def user_errors(on_interrupt: str) -> Callable[[F], F]:
             except UserError as exc:
                 console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(exc.exit_code) from None
+            except ModuleNotFoundError as exc:
+                extra = EXTRAS.get((exc.name or "").split(".")[0])
+                if extra is None:
+                    raise
+                said = escape(
+                    f"this command needs {exc.name}, which is not installed here; install it with: pip install 'ssql-deploy[{extra}]'"
+                )
+                console.print(f"[bold red]error:[/] {said}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 console.print(f"[yellow]interrupted[/]: {escape(on_interrupt)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None

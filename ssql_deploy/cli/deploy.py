@@ -140,6 +140,9 @@ def export_cmd(
     trt_batches: Annotated[str | None, recipe_option(E, "trt_batches", "TensorRT profile batches MIN,OPT,MAX.")] = None,
     build_engine: Annotated[bool | None, recipe_option(E, "build_engine", "Build the TensorRT plans when TensorRT and a GPU are present.",
                                                        "--build-engine/--no-build-engine")] = None,
+    evalset: Annotated[bool | None, recipe_option(E, "evalset", "Also write evalset.npz beside the model: the preprocessed test images "
+                       "and labels, for `bench MODEL.onnx --evalset evalset.npz` on a board without torch.", "--evalset/--no-evalset")] = None,
+    eval_size: Annotated[int | None, recipe_option(E, "eval_size", "Test images in evalset.npz (a fixed subset).", default="all")] = None,
     data_root: Annotated[Path | None, stage_root_option(E)] = None,
     threads: Annotated[int | None, recipe_option(E, "threads", "ONNX Runtime threads for the parity check.", default="all cores")] = None,
     out: Annotated[Path | None, recipe_option(E, "out", "Run directory to write RUN/export/ into.", default="the source run directory")] = None,
@@ -147,7 +150,7 @@ def export_cmd(
 ) -> None:  # fmt: skip
     """Export QDQ ONNX for ONNX Runtime or TensorRT, check it, and verify it against PyTorch."""
     settings = ExportRecipe.build(recipe, source=source, bits=bits, lsq=lsq, engine=engine, ort_kernel=ort_kernel,
-                                  trt_batches=int_list(trt_batches, "--trt-batches", "1,8,32"), build_engine=build_engine,
+                                  trt_batches=int_list(trt_batches, "--trt-batches", "1,8,32"), build_engine=build_engine, evalset=evalset, eval_size=eval_size,
                                   data_root=data_root, threads=threads, out=out)  # fmt: skip
     from ssql_deploy.export.stage import run_export
 

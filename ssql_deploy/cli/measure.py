@@ -26,6 +26,8 @@ def bench_cmd(
     rounds: Annotated[int | None, recipe_option(B, "rounds", "Interleaved rounds the timed runs are split into (speed-ups are paired per round).")] = None,
     warmup: Annotated[int | None, recipe_option(B, "warmup", "Untimed warm-up runs.")] = None,
     threads: Annotated[int | None, recipe_option(B, "threads", "Threads for every runtime.", default="all cores")] = None,
+    evalset: Annotated[Path | None, recipe_option(B, "evalset", "An evalset.npz written by `export --evalset`: score and time "
+                       "ONNX files on it with nothing but the runtime installed (no torch).", default="none")] = None,
     runtime: Annotated[str | None, recipe_option(B, "runtimes", "Comma-separated runtimes every ONNX file runs on: ort (ONNX Runtime), "
                        "openvino (CPU; needs the openvino extra).", flag="--runtime")] = None,
     subset: SubsetOpt = None,
@@ -37,7 +39,12 @@ def bench_cmd(
     settings = BenchRecipe.build(recipe, artifacts=artifacts, data=data, data_root=data_root, input_size=input_size,
                                  batch_sizes=int_list(batch_sizes, "--batch-sizes", "1,32"), runs=runs, rounds=rounds,
                                  warmup=warmup, threads=threads, subset=subset, workers=workers, out=out,
-                                 runtimes=runtime.split(",") if runtime else None)  # fmt: skip
+                                 runtimes=runtime.split(",") if runtime else None, evalset=evalset)  # fmt: skip
+    if settings.evalset is not None:  # on a board: nothing but the runtime and numpy
+        from ssql_deploy.bench.evalset import run_evalset_bench
+
+        print_report(run_evalset_bench(settings))
+        return
     from ssql_deploy.bench.stage import run_bench
 
     print_report(run_bench(settings))
@@ -51,7 +58,7 @@ def print_report(bench: dict[str, Any], title: str = "bench", gates: list[Any] |
     for note in notes(bench["report"]):
         results.print(f"note: {note}", highlight=False)
     passed = print_gates(gates) if gates else True
-    results.print(f"report: {bench['paths']['md']}\nplot:   {bench['paths']['png']}")
+    results.print(f"report: {bench['paths']['md']}" + (f"\nplot:   {bench['paths']['png']}" if "png" in bench["paths"] else ""))
     return passed
 
 

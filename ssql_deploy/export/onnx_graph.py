@@ -28,8 +28,8 @@ from ssql_deploy.errors import UserError
 from ssql_deploy.quant.fold import bn_affine
 from ssql_deploy.quant.layouts import LAYOUTS, Layout
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, QuantLinear
+from ssql_deploy.runtimes import INPUT_NAME
 
-INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
 _ADD_OPS = (operator.add, operator.iadd, torch.add)

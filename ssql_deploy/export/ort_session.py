@@ -5,13 +5,17 @@ fused the Q/DQ pairs (ONNX Runtime#17389, ModelOpt#80): we read ORT's optimized 
 count which convolutions really became integer kernels.
 """
 
+from __future__ import annotations
+
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
 import onnxruntime as ort
+
+if TYPE_CHECKING:  # onnx itself is needed only to read optimized graphs back, not to run a model (bench on a board)
+    import onnx
 
 INTEGER_CONV_OPS = ("QLinearConv", "ConvInteger")
 
@@ -43,6 +47,8 @@ def make_session(
 
 def optimized_graph(model: onnx.ModelProto) -> onnx.GraphProto:
     """The graph ONNX Runtime actually executes on this CPU, after its own fusions."""
+    import onnx
+
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.log_severity_level = 3

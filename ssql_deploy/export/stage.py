@@ -12,10 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ssql_deploy.bench.evalset import EVALSET_FILE, write_evalset
+from ssql_deploy.data import DataSource
 from ssql_deploy.errors import CheckFailed
 from ssql_deploy.export.engine_checks import CHECKS
 from ssql_deploy.export.onnx_graph import INPUT_NAME, build_onnx
@@ -111,6 +114,17 @@ def _numerics_notes(gm: torch.fx.GraphModule) -> list[str]:
     return notes
 
 
+def _write_evalset(out_dir: Path, source: DataSource, size: int | None) -> Path:
+    """The test images as this model sees them, with labels: what `bench --evalset` needs on a board without torch."""
+    split = source.split("test", size)
+    pairs = [split[i] for i in range(len(split))]  # type: ignore[arg-type]
+    images = torch.stack([image for image, _ in pairs]).numpy()
+    labels = np.array([int(label) for _, label in pairs])
+    path = out_dir / EVALSET_FILE
+    write_evalset(path, images, labels, {"data": source.describe(), "split": "test", "images": len(labels)})
+    return path
+
+
 def _weight_zero_point(recipe: ExportRecipe) -> int:
     """-1 (ORT's QGEMM path) when asked, or by `auto` on a CPU with AMX-INT8, and the layout allows it; else 0."""
     wanted = -1 if recipe.ort_kernel == "gemm" or (recipe.ort_kernel == "auto" and cpu_has_amx_int8()) else 0
@@ -148,6 +162,8 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     save_atomic(twin_payload(saved, gm), twin_path)
     fp32_path = export_float(loaded.float_model, meta, run_dir)
     outputs = {"onnx": onnx_path, "twin": twin_path}
+    if recipe.evalset:
+        outputs["evalset"] = _write_evalset(out_dir, source, recipe.eval_size)
     build = _build_tensorrt(onnx_path, fp32_path, out_dir, chw, recipe, outputs) if engine.builds_from_onnx and not problems else None
     metrics = ExportMetrics(variant=label, engine=engine.name, status="failed: " + problems[0] if problems else "ok",
                             notes=_numerics_notes(gm) + check.notes, newly_calibrated_points=sorted(missing),

@@ -1,0 +1,141 @@
+"""Bench on the board: exported ONNX files and an `evalset.npz`, with nothing installed but a runtime.
+
+An engineer evaluating on a Jetson or a Raspberry Pi copies the model and the evaluation images
+to the board and measures there. `export --evalset` writes the test images already preprocessed
+(the model's size and normalisation) with their labels; `bench MODEL.onnx --evalset evalset.npz`
+scores and times each file on each runtime asked for, importing neither torch, torchvision nor
+onnx (`pip install "ssql-deploy[runtime]"`, or `[openvino]`). Rows are named as a full bench
+names them (`onnx-fp32`, `qdq-ort-w4a4`, `ov-qdq-trt-w4a4`), from the export directory's name.
+"""
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssql_deploy.bench.onnx_runners import OpenVinoRunner, OrtRunner
+from ssql_deploy.bench.schema import Env, Report, Row, baseline_name
+from ssql_deploy.bench.timing import interleaved, paired_speedup
+from ssql_deploy.errors import UserError
+from ssql_deploy.progress import progress_bar
+from ssql_deploy.recipe import BenchRecipe
+from ssql_deploy.run import atomic_open, versions
+from ssql_deploy.run_layout import FP32_FILE, ExportKey
+from ssql_deploy.runtimes import ENGINES, QDQ_FILE, RUNTIMES, RuntimeName
+
+EVALSET_FILE = "evalset.npz"
+RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}
+
+
+def write_evalset(path: Path, images: np.ndarray, labels: np.ndarray, about: dict[str, Any]) -> None:
+    """Preprocessed NCHW float32 images, int64 labels and what they are (dataset, size, normalisation), compressed."""
+    with atomic_open(path, "wb") as f:
+        np.savez_compressed(f, images=images.astype(np.float32), labels=labels.astype(np.int64), about=json.dumps(about))
+
+
+def load_evalset(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images, labels, about = data["images"], data["labels"], json.loads(str(data["about"]))
+    except FileNotFoundError:
+        raise UserError(f"evalset {path} does not exist", "write one with `ssql-deploy export RUN --evalset` and copy it here") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path} is not an evalset ({type(exc).__name__})", "write one with `ssql-deploy export RUN --evalset`") from None
+    if images.ndim != 4 or len(images) != len(labels) or len(labels) == 0:
+        raise UserError(
+            f"{path} holds {images.shape} images and {labels.shape} labels", "write it again with `ssql-deploy export --evalset`"
+        )
+    return images, labels, about
+
+
+def _onnx_files(paths: list[Path]) -> list[Path]:
+    files = []
+    for path in paths:
+        found = [path] if path.is_file() else [p for p in (path / QDQ_FILE, path / FP32_FILE) if p.is_file()]
+        if not found or found[0].suffix != ".onnx":
+            raise UserError(f"{path} is not an ONNX model or an export directory holding one", "with --evalset, pass .onnx files")
+        files += found
+    return files
+
+
+def _row_name(path: Path, runtime: RuntimeName) -> tuple[str, str, str | None]:
+    """(row name, bits, engine) of an exported file, from its directory's name (no onnx package to read metadata with)."""
+    key = ExportKey.parse(path.parent.name)
+    if key is None and path.name != QDQ_FILE:
+        return RUNTIMES[runtime].baseline, "fp32", None
+    row = ENGINES[key.engine].onnx_row(key.variant) if key is not None else f"qdq-{path.parent.name}"
+    return RUNTIMES[runtime].prefix + row, key.variant if key else path.parent.name, key.engine if key else None
+
+
+def run_evalset_bench(recipe: BenchRecipe) -> dict[str, Any]:
+    assert recipe.evalset is not None
+    images, labels, about = load_evalset(recipe.evalset)
+    if recipe.subset is not None:
+        images, labels = images[: recipe.subset], labels[: recipe.subset]
+    threads = recipe.threads or os.cpu_count() or 1
+    rows: dict[str, Row] = {}
+    runners: dict[str, Any] = {}
+    for path in _onnx_files(recipe.artifacts):
+        for runtime in recipe.runtimes:
+            name, bits, engine = _row_name(path, runtime)  # type: ignore[arg-type]
+            rows[name] = Row(name=name, runtime=runtime, bits=bits, engine=engine, status="ok", top1=None, latency={},
+                             size_bytes=path.stat().st_size)  # fmt: skip
+            try:
+                runners[name] = RUNNERS[runtime](path, threads)
+            except ImportError as exc:
+                rows[name].status = f"skipped: {exc}"
+                continue
+            rows[name].runtime_detail = runners[name].detail
+    predictions = {}
+    for name, runner in runners.items():
+        with progress_bar() as bar:
+            task = bar.add_task(f"{name}: top-1", total=-(-len(labels) // recipe.eval_batch))
+            parts = []
+            for start in range(0, len(labels), recipe.eval_batch):
+                parts.append(_predict(runner, images[start : start + recipe.eval_batch], name).argmax(1))
+                bar.advance(task)
+        predictions[name] = np.concatenate(parts)
+        rows[name].top1, rows[name].n_images = round(100.0 * float(np.mean(predictions[name] == labels)), 3), int(len(labels))
+    for name in runners:  # quantized rows against their runtime's FP32 row, other runtimes' FP32 rows against ONNX Runtime's
+        base = baseline_name(rows[name]) or RUNTIMES["onnxruntime"].baseline
+        if base in predictions and base != name:
+            rows[name].agreement = round(100.0 * float(np.mean(predictions[name] == predictions[base])), 3)
+            rows[name].agreement_with = base
+    _time(runners, rows, recipe, images.shape[-1])
+    env = Env(cpu=platform.processor() or platform.machine(), threads=threads, data=f"{recipe.evalset} ({about.get('data', '?')})",
+              runs=recipe.runs, warmup=recipe.warmup, rounds=recipe.rounds, cores=os.cpu_count(), platform=platform.platform(),
+              versions=versions())  # fmt: skip
+    report = Report(env=env, rows=list(rows.values()))
+    from ssql_deploy.bench.report import write_reports
+
+    return {"report": report, "paths": write_reports(report, recipe.out)}
+
+
+def _predict(runner: Any, x: np.ndarray, name: str) -> np.ndarray:
+    try:
+        return np.asarray(runner.predict(np.ascontiguousarray(x)))
+    except UserError:
+        raise
+    except Exception as exc:  # the runtime's own error types: a model for another input size, say
+        said = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise UserError(f"{name} cannot run the evalset's {x.shape[2]}x{x.shape[3]} images: {said}",
+                        "write the evalset from the run this model was exported from") from None  # fmt: skip
+
+
+def _time(runners: dict[str, Any], rows: dict[str, Row], recipe: BenchRecipe, size: int) -> None:
+    """Interleaved rounds per runtime, speed-ups against that runtime's FP32 row, as the full bench times."""
+    groups: dict[str, list[str]] = {}
+    for name in runners:
+        groups.setdefault(rows[name].runtime, []).append(name)
+    for batch in recipe.batch_sizes:
+        for runtime, names in groups.items():
+            measured = interleaved({n: runners[n].timer(batch, size) for n in names}, recipe.warmup, recipe.runs, recipe.rounds,
+                                   f"timing {runtime} at batch {batch}")  # fmt: skip
+            for name, m in measured.items():
+                rows[name].latency[str(batch)] = m.latency(batch)
+                base = baseline_name(rows[name])
+                if base in measured:
+                    rows[name].speedup[str(batch)] = paired_speedup(base, measured[base], m)
