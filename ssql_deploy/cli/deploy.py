@@ -179,6 +179,9 @@ def export_cmd(
     build = metrics.engine_build
     if build and not build.built:
         runtime = RUNTIMES[ENGINES[metrics.engine].runtime].title
-        results.print(f"{runtime} engine not built here: {build.reason}\nbuild it on the GPU machine with:\n  {build.build_with}")
+        results.print(
+            f"{runtime} engine not built here: {build.reason}\nbuild it on the GPU machine with (TensorRT 10):\n  {build.build_with}"
+            f"\nor (TensorRT 11, strongly typed):\n  {build.build_with_strongly_typed}"
+        )
     for note in metrics.notes:
         results.print(f"note: {note}")

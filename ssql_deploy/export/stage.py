@@ -48,7 +48,8 @@ class EngineBuild(BaseModel):
 
     built: bool
     reason: str | None = None
-    build_with: str
+    build_with: str  # TensorRT 10
+    build_with_strongly_typed: str | None = None  # TensorRT 11, which has no precision flags
     fp16_baseline_build_with: str | None = None
     sidecar: dict[str, Any] | None = None
     fp16_baseline: dict[str, Any] | None = None
@@ -183,16 +184,19 @@ def _build_tensorrt(
     plan_file = ENGINES["trt"].file
     low, opt, high = recipe.trt_batches
     command = trtexec_command(onnx_path, out_dir / plan_file, INPUT_NAME, chw, low, opt, high)
+    typed = trtexec_command(onnx_path, out_dir / plan_file, INPUT_NAME, chw, low, opt, high, strongly_typed=True)
     fp16_plan = fp32_path.with_name(plan_file)
     fp16_command = trtexec_command(fp32_path, fp16_plan, INPUT_NAME, chw, low, opt, high, int8=False)
     available, reason = tensorrt_status()
     if not (available and recipe.build_engine):
         why = reason if not available else "engine build disabled (--no-build-engine)"
-        return EngineBuild(built=False, reason=why, build_with=command, fp16_baseline_build_with=fp16_command)
+        return EngineBuild(
+            built=False, reason=why, build_with=command, build_with_strongly_typed=typed, fp16_baseline_build_with=fp16_command
+        )
     sidecar = build_engine(onnx_path, out_dir / plan_file, INPUT_NAME, chw, (low, opt, high))
     outputs["plan"] = out_dir / plan_file
     fp16 = build_engine(fp32_path, fp16_plan, INPUT_NAME, chw, (low, opt, high), int8=False)
     fp32_manifest = read_manifest(fp32_path.parent)
     write_manifest(fp32_path.parent, STAGE, {}, fp32_manifest.settings if fp32_manifest else {}, {"status": "ok", "fp16_plan": fp16},
                    {"onnx": fp32_path, "plan": fp16_plan})  # fmt: skip
-    return EngineBuild(built=True, build_with=command, sidecar=sidecar, fp16_baseline=fp16)
+    return EngineBuild(built=True, build_with=command, build_with_strongly_typed=typed, sidecar=sidecar, fp16_baseline=fp16)

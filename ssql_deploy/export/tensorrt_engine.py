@@ -65,16 +65,18 @@ def trtexec_command(
     opt_batch: int,
     max_batch: int,
     int8: bool = True,
+    strongly_typed: bool = False,
 ) -> str:
     """The trtexec line equivalent to `build_engine`, for users who build on another machine.
 
-    `--int8 --fp16` rather than `--stronglyTyped`: INT8 comes from the Q/DQ nodes, FP16 is the fallback
-    for the float layers; a strongly typed build would keep those in FP32.
+    TensorRT 10: `--int8 --fp16` rather than `--stronglyTyped`: INT8 comes from the Q/DQ nodes, FP16
+    is the fallback for the float layers (a strongly typed build would keep those in FP32). TensorRT 11
+    has no precision flags left (`strongly_typed`): the Q/DQ nodes set INT8 and the rest runs as typed.
     """
     batches = _check_batches(min_batch, opt_batch, max_batch)
     c, h, w = chw
     shapes = [f"--{k}Shapes={input_name}:{n}x{c}x{h}x{w}" for k, n in zip(("min", "opt", "max"), batches, strict=True)]
-    precision = ["--int8", "--fp16"] if int8 else ["--fp16"]
+    precision = ["--stronglyTyped"] if strongly_typed else ["--int8", "--fp16"] if int8 else ["--fp16"]
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", *precision, *shapes]
     return " ".join(shlex.quote(a) for a in args)
 
@@ -105,7 +107,9 @@ def build_engine(
         raise UserError(f"ONNX file {onnx_file} does not exist", "export the model to QDQ ONNX for the trt engine first")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only (default) mode in TensorRT 10
+    # TensorRT 10: explicit batch is the default mode; TensorRT 11 has strongly typed networks only (no INT8 flag left).
+    strongly_typed = not hasattr(trt.BuilderFlag, "INT8")
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no error reported"
@@ -134,7 +138,7 @@ def build_engine(
         raise UserError(
             f"TensorRT {trt.__version__} failed to build an engine from {onnx_file} (see its log above)",
             f"try a larger workspace than {workspace_gib} GiB, or run: "
-            + trtexec_command(onnx_file, plan_file, input_name, chw, min_b, opt_b, max_b),
+            + trtexec_command(onnx_file, plan_file, input_name, chw, min_b, opt_b, max_b, int8, strongly_typed),
         )
     with atomic_open(plan_file, "wb") as f:
         f.write(plan)

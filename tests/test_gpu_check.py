@@ -1,0 +1,38 @@
+"""The GPU check script: everything that can be checked without a GPU (its syntax, its refusal, the engine code paths)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ssql_deploy.export.tensorrt_engine import tensorrt_status, trtexec_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_script_parses_and_refuses_without_a_gpu_before_installing_anything(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks/gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}  # no nvidia-smi on this PATH, as on a machine without a GPU
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2 and "no NVIDIA GPU here" in result.stderr and "Traceback" not in result.stderr
+    python_half = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py")], capture_output=True, text=True, timeout=120)
+    assert python_half.returncode != 0 and "gpu_check: error:" in python_half.stderr
+
+
+def test_engine_paths_say_why_no_engine_is_built_here_and_how_to_build_it(tmp_path: Path) -> None:
+    available, reason = tensorrt_status()
+    assert not available and ("tensorrt" in reason.lower() or "GPU" in reason)
+    command = trtexec_command(tmp_path / "m.qdq.onnx", tmp_path / "m.plan", "input", (3, 32, 32), 1, 8, 32)
+    assert command.startswith("trtexec --onnx=") and "--minShapes=input:1x3x32x32" in command and "--maxShapes=input:32x3x32x32" in command
+
+
+def test_a_trt_export_records_the_trtexec_line_for_tensorrt_10_and_11(deployed: Path, tmp_path: Path, cli) -> None:
+    out = tmp_path / "run"
+    result = cli("export", deployed, "--bits", "w4a4", "--engine", "trt", "--out", out)
+    assert result.returncode == 0, result.stderr
+    build = json.loads((out / "export/w4a4-trt/manifest.json").read_text())["metrics"]["engine_build"]
+    assert not build["built"] and "--int8 --fp16" in build["build_with"]
+    assert "--stronglyTyped" in build["build_with_strongly_typed"] and "--int8" not in build["build_with_strongly_typed"]
+    assert "TensorRT 11" in result.stdout
