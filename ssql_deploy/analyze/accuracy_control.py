@@ -10,6 +10,7 @@ alone returns to 8 bits. Each step's top-1 and its batch-1 latency against the F
 (interleaved rounds, as `bench` times) are reported, so the cost of every fallback is visible.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from ssql_deploy.quant.calibrators import CalibratorName
 from ssql_deploy.quant.config import LayerSpec, Override, QuantConfig
 from ssql_deploy.quant.placement import act_quantizers, prepare, trace, weight_quantizers
 
-THREADS = 2
+THREADS = os.cpu_count() or 1  # as `bench` runs by default
 HIGH_BITS = 8
 
 
@@ -84,7 +85,7 @@ def artifact(gm: fx.GraphModule, ctx: Context) -> Any:
     return _session(loaded.gm, "ort", ctx)
 
 
-def rank(gm: fx.GraphModule, config: QuantConfig, val: Validation) -> list[Unit]:
+def rank(gm: fx.GraphModule, val: Validation) -> list[Unit]:
     """Units below 8 bits, the one whose return to 8 bits lowers the simulated validation loss most first."""
     base, _ = val.score(gm)
     gains: list[tuple[float, Unit]] = []
@@ -128,7 +129,7 @@ def control(config: QuantConfig, max_drop: float, ctx: Context) -> tuple[QuantCo
     top1 = _top1(session, ctx.val)
     steps = [{"changed": None, "to": None, "top1": round(top1, 3), "drop": round(fp32_top1 - top1, 3),
               **_latency(fp32, session, ctx.meta.input_size)}]  # fmt: skip
-    order = rank(gm, config, ctx.val) if fp32_top1 - top1 > max_drop else []
+    order = rank(gm, ctx.val) if fp32_top1 - top1 > max_drop else []
     plan = [(u, "8") for u in order] + [(u, "float") for u in order]
     plan += [(Unit(n, "w"), "float") for n, b in gm.quant_weights.items() if b == HIGH_BITS]  # type: ignore[attr-defined,operator]
     overrides = list(config.overrides)

@@ -100,11 +100,8 @@ def solve(sensitivity: dict[str, Any], budget: Budget, stem: tuple[str, ...] = (
                 for u, ba in enumerate(bits):
                     z = n_w + n_a + (p * nb + t) * nb + u
                     x, y = i * nb + t, n_w + j * nb + u
-                    rows += [
-                        ({z: 1.0, x: -1.0}, -np.inf, 0.0),
-                        ({z: 1.0, y: -1.0}, -np.inf, 0.0),
-                        ({z: 1.0, x: -1.0, y: -1.0}, -1.0, np.inf),
-                    ]
+                    # z >= x + y - 1 is all the linearisation needs: z costs nothing and only counts against the budget
+                    rows.append(({z: 1.0, x: -1.0, y: -1.0}, -1.0, np.inf))
                     bops[z] = weights[i]["macs"] * bw * ba / 1e9
         paired = {i for i, _ in pairs}
         for i, row in enumerate(weights):  # a conv on a float input (the image): the runtime quantizes that input at 8 bits
