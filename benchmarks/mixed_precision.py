@@ -1,0 +1,85 @@
+"""Mixed precision against uniform widths at the same average, and accuracy control (issue 12, item 6).
+
+For each fine-tuned model of `benchmarks/families_int8.py` (MobileNetV2 and the quarter-width
+ResNet-18, 32x32, trained from random init on all 60,000 Fashion-MNIST training images):
+- `analyze` (loss metric, widths 2,3,4,6,8, 512 validation images apart from the calibration ones);
+- uniform w4a8, w4a4 and w3a3, and `--bits auto` at the same averages (avg-wbits=4 with activations
+  free; avg-wbits=4,avg-abits=4; avg-wbits=3,avg-abits=3), all with the mse calibrator, exported for
+  ONNX Runtime; top-1 of each exported QDQ ONNX model on all 10,000 test images;
+- `--max-drop 0.5` from w4a4: reached or not, layers given back, each step's latency;
+- analysis and planning cost in seconds.
+
+    .venv/bin/python benchmarks/mixed_precision.py     # needs runs/families/<arch> (families_int8.py --train-only)
+
+Writes benchmarks/results/mixed_precision.{json,log}. Nothing else may run on the machine meanwhile.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evidence import ort_top1, run_logged  # noqa: E402
+
+RESULTS = ROOT / "benchmarks/results"
+LOG = RESULTS / "mixed_precision.log"
+RUNS = ROOT / "runs/mixed"
+ARCHS = ["mobilenet_v2", "resnet18_quarter"]
+CALIB = ["--calib", "mse", "--subset", "1000", "--workers", "1"]
+PAIRS = [  # (uniform, the mixed budget at the same averages)
+    ("w4a8", "avg-wbits=4"),
+    ("w4a4", "avg-wbits=4,avg-abits=4"),
+    ("w3a3", "avg-wbits=3,avg-abits=3"),
+]
+
+
+def cli(*args: str | Path) -> float:
+    return run_logged(LOG, *args)
+
+
+def exported_top1(run: Path, variant: str) -> float:
+    cli("export", run, "--bits", variant, "--engine", "ort", "--ort-kernel", "symmetric")
+    return ort_top1(run / "export" / f"{variant}-ort" / "model.qdq.onnx")
+
+
+def newest_variant(run: Path, before: set[str]) -> str:
+    (made,) = {p.name for p in (run / "quant").iterdir() if p.is_dir()} - before
+    return made
+
+
+def measure(arch: str) -> dict:
+    run = RUNS / arch
+    if not run.exists():
+        shutil.copytree(ROOT / "runs/families" / arch / "finetune", run / "finetune")
+    analysis_s = cli("analyze", run, "--bits", "2,3,4,6,8", "--metric", "loss", "--calib", "mse", "--workers", "1")
+    sensitivity = json.loads((run / "analyze/sensitivity.json").read_text())
+    rows = []
+    for uniform, budget in PAIRS:
+        cli("quantize", run, "--bits", uniform, *CALIB)
+        before = {p.name for p in (run / "quant").iterdir()}
+        seconds = cli("quantize", run, "--bits", "auto", "--budget", budget, *CALIB)
+        mixed = newest_variant(run, before)
+        plan = json.loads((run / "quant" / mixed / "manifest.json").read_text())["metrics"]["auto_bits"]
+        rows.append({"uniform": uniform, "uniform_top1": exported_top1(run, uniform), "budget": budget, "mixed": mixed,
+                     "mixed_top1": exported_top1(run, mixed), "plan": plan, "quantize_s": seconds})  # fmt: skip
+        rows[-1]["mixed_minus_uniform"] = round(rows[-1]["mixed_top1"] - rows[-1]["uniform_top1"], 2)
+    before = {p.name for p in (run / "quant").iterdir()}
+    control_s = cli("quantize", run, "--bits", "w4a4", "--max-drop", "0.5", *CALIB)
+    controlled = newest_variant(run, before) if {p.name for p in (run / "quant").iterdir()} - before else "w4a4"
+    report = json.loads((run / "quant" / controlled / "manifest.json").read_text())["metrics"]["accuracy_control"]
+    return {"analysis_s": analysis_s, "evaluations": sensitivity["evaluations"], "pairs": rows,
+            "max_drop": report | {"variant": controlled, "seconds": control_s, "test_top1": exported_top1(run, controlled)}}  # fmt: skip
+
+
+def main() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "mixed_precision", "measured_on": "exported ONNX in ONNX Runtime (CPU, 2 threads), all 10k test images",
+              "models": {arch: measure(arch) for arch in ARCHS}}  # fmt: skip
+    (RESULTS / "mixed_precision.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
