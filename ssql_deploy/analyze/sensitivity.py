@@ -150,11 +150,12 @@ def _sizes(gm: fx.GraphModule, image: torch.Tensor) -> tuple[dict[str, int], dic
 
 
 def measure(gm: fx.GraphModule, val: Validation, calib: list[torch.Tensor], settings: Settings) -> dict[str, Any]:
-    """Every quantized layer's weight and activation sensitivity at every width (see the module docstring)."""
+    """Every quantized layer's weight and activation sensitivity at every width (see the module docstring).
+
+    Leaves `gm`'s quantizers at whatever width was tried last: the twin is an instrument here, not a model to keep."""
     start = time.time()
     wqs = weight_quantizers(gm)
     acts = act_quantizers(gm)
-    kept = {n: q.bits for n, q in acts.items()}, {n: q.bits for n, q in wqs.items()}
     ranges = _ranges_per_width(gm, calib, settings)
     _all_off(gm)
     reference = val.score(gm)
@@ -183,11 +184,6 @@ def measure(gm: fx.GraphModule, val: Validation, calib: list[torch.Tensor], sett
         activations.append({"point": name, "layer": producers[name].layer, "elements": elements[name], **result,
                             "sensitivity": result["top1" if settings.metric == "top1" else "loss"]})  # fmt: skip
         evaluations += len(settings.bits)
-    for n, q in acts.items():
-        q.bits = kept[0][n]
-    for n, wq in wqs.items():
-        wq.bits = kept[1][n]
-    _all_off(gm)
     unit = {"loss": "mean cross-entropy increase (nats)", "top1": "top-1 drop (points)",
             "hessian": "weights: mean Hessian trace x squared quantization error; activations: mean cross-entropy increase"}  # fmt: skip
     return {

@@ -18,7 +18,7 @@ import numpy as np
 
 from ssql_deploy.bench.onnx_runners import OpenVinoRunner, OrtRunner
 from ssql_deploy.bench.schema import Env, Report, Row, baseline_name
-from ssql_deploy.bench.timing import interleaved, paired_speedup
+from ssql_deploy.bench.timing import time_rows
 from ssql_deploy.errors import UserError
 from ssql_deploy.progress import progress_bar
 from ssql_deploy.recipe import BenchRecipe
@@ -104,7 +104,8 @@ def run_evalset_bench(recipe: BenchRecipe) -> dict[str, Any]:
         if base in predictions and base != name:
             rows[name].agreement = round(100.0 * float(np.mean(predictions[name] == predictions[base])), 3)
             rows[name].agreement_with = base
-    _time(runners, rows, recipe, images.shape[-1])
+    size = images.shape[-1]
+    time_rows({n: lambda batch, r=r: r.timer(batch, size) for n, r in runners.items()}, rows, recipe)
     env = Env(cpu=platform.processor() or platform.machine(), threads=threads, data=f"{recipe.evalset} ({about.get('data', '?')})",
               runs=recipe.runs, warmup=recipe.warmup, rounds=recipe.rounds, cores=os.cpu_count(), platform=platform.platform(),
               versions=versions())  # fmt: skip
@@ -123,19 +124,3 @@ def _predict(runner: Any, x: np.ndarray, name: str) -> np.ndarray:
         said = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise UserError(f"{name} cannot run the evalset's {x.shape[2]}x{x.shape[3]} images: {said}",
                         "write the evalset from the run this model was exported from") from None  # fmt: skip
-
-
-def _time(runners: dict[str, Any], rows: dict[str, Row], recipe: BenchRecipe, size: int) -> None:
-    """Interleaved rounds per runtime, speed-ups against that runtime's FP32 row, as the full bench times."""
-    groups: dict[str, list[str]] = {}
-    for name in runners:
-        groups.setdefault(rows[name].runtime, []).append(name)
-    for batch in recipe.batch_sizes:
-        for runtime, names in groups.items():
-            measured = interleaved({n: runners[n].timer(batch, size) for n in names}, recipe.warmup, recipe.runs, recipe.rounds,
-                                   f"timing {runtime} at batch {batch}")  # fmt: skip
-            for name, m in measured.items():
-                rows[name].latency[str(batch)] = m.latency(batch)
-                base = baseline_name(rows[name])
-                if base in measured:
-                    rows[name].speedup[str(batch)] = paired_speedup(base, measured[base], m)

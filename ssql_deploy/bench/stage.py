@@ -19,8 +19,8 @@ import torch
 from ssql_deploy.bench.artifacts import Artifact, discover, on_runtimes, onnx_input_size
 from ssql_deploy.bench.report import write_reports
 from ssql_deploy.bench.runners import Runner, TorchRunner, load_runner, torch_model
-from ssql_deploy.bench.schema import OK, Env, Report, Row, baseline_name
-from ssql_deploy.bench.timing import interleaved, paired_speedup
+from ssql_deploy.bench.schema import OK, Env, Report, Row
+from ssql_deploy.bench.timing import time_rows
 from ssql_deploy.data import DataSource
 from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import eval_loader, model_data
@@ -120,27 +120,6 @@ def _score(measurable: list[Artifact], runners: dict[str, Runner], sources: dict
             row.agreement, row.agreement_with = _agreement(predictions[artifact.name], predictions[artifact.reference]), artifact.reference
 
 
-def _time(runners: dict[str, Runner], sources: dict[str, DataSource], rows: dict[str, Row], recipe: BenchRecipe) -> None:
-    """Latency per batch size and paired speed-ups.
-
-    Interleaved within a runtime, one runtime after another: speed-ups only pair rows of one runtime, and
-    a torch run's OpenMP threads still spinning when an ONNX Runtime run starts would slow that ORT row.
-    """
-    groups: dict[str, list[str]] = {}
-    for name in runners:
-        groups.setdefault(rows[name].runtime, []).append(name)
-    for batch in recipe.batch_sizes:
-        measured = {}
-        for runtime, names in groups.items():
-            timers = {name: runners[name].timer(batch, sources[name].input_size) for name in names}
-            measured |= interleaved(timers, recipe.warmup, recipe.runs, recipe.rounds, f"timing {runtime} at batch {batch}")
-        for name, m in measured.items():
-            rows[name].latency[str(batch)] = m.latency(batch)
-            base = baseline_name(rows[name])
-            if base is not None and base in measured:
-                rows[name].speedup[str(batch)] = paired_speedup(base, measured[base], m)
-
-
 def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
     artifacts = on_runtimes(discover(recipe.artifacts), recipe.runtimes)  # type: ignore[arg-type]
     measurable = [a for a in artifacts if a.meta is not None and (a.status == OK or a.status.startswith("unverified"))]
@@ -163,7 +142,7 @@ def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
         if getattr(runners[artifact.name], "int8_convs", None) == 0 and artifact.bits != "fp32":
             rows[artifact.name].notes.append(OPENVINO_FLOAT_NOTE)
     _score(measurable, runners, sources, rows, recipe)
-    _time(runners, sources, rows, recipe)
+    time_rows({n: lambda batch, r=r, n=n: r.timer(batch, sources[n].input_size) for n, r in runners.items()}, rows, recipe)
     data = recipe.data or next(iter(sources.values())).data
     report = Report(env=_env(recipe, threads, data), rows=list(rows.values()))
     return {"report": report, "paths": write_reports(report, recipe.out)}

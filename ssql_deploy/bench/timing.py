@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssql_deploy.bench.schema import Latency, Speedup
+from ssql_deploy.bench.schema import Latency, Row, Speedup, baseline_name
 from ssql_deploy.progress import progress_bar
+from ssql_deploy.recipe import BenchRecipe
 
 Timer = Callable[[], None]  # one inference on inputs prepared beforehand
 ROUND_WARMUP = 2  # untimed runs at the start of each artifact's block in a round
@@ -64,3 +65,24 @@ def interleaved(timers: dict[str, Timer], warmup: int, runs: int, rounds: int, l
 def paired_speedup(baseline_name: str, baseline: Measured, row: Measured) -> Speedup:
     ratios = [b / max(t, 1e-12) for b, t in zip(baseline.round_medians, row.round_medians, strict=True)]
     return Speedup(baseline=baseline_name, ratio=round(statistics.median(ratios), 4), low=round(min(ratios), 4), high=round(max(ratios), 4))
+
+
+def time_rows(timers: dict[str, Callable[[int], Timer]], rows: dict[str, Row], recipe: BenchRecipe) -> None:
+    """Latency per batch size and paired speed-ups, written into `rows`; `timers[name](batch)` prepares a Timer.
+
+    Interleaved within a runtime, one runtime after another: speed-ups only pair rows of one runtime, and
+    a torch run's OpenMP threads still spinning when an ONNX Runtime run starts would slow that ORT row.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in timers:
+        groups.setdefault(rows[name].runtime, []).append(name)
+    for batch in recipe.batch_sizes:
+        measured: dict[str, Measured] = {}
+        for runtime, names in groups.items():
+            batch_timers = {name: timers[name](batch) for name in names}
+            measured |= interleaved(batch_timers, recipe.warmup, recipe.runs, recipe.rounds, f"timing {runtime} at batch {batch}")
+        for name, m in measured.items():
+            rows[name].latency[str(batch)] = m.latency(batch)
+            base = baseline_name(rows[name])
+            if base is not None and base in measured:
+                rows[name].speedup[str(batch)] = paired_speedup(base, measured[base], m)
