@@ -23,20 +23,14 @@ CLASSIFIER_TYPES = ["Gemm", "MatMul"]  # the classifier stays float, as in ours 
 
 def modelopt_int8(fp32: Path, images: np.ndarray, out: Path) -> dict[str, object]:
     from modelopt.onnx.quantization import quantize
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Batches(CalibrationDataReader):  # 64 at a time: all at once would hold every activation of 512 images
-        def __init__(self) -> None:
-            self.items = iter([{"input": images[i : i + 64]} for i in range(0, len(images), 64)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.items, None)
 
     # high_precision_dtype fp32: its default (fp16) would turn every float op into fp16, which CPUs run slower and
     # which no other row does; calibration on the CPU execution provider (no GPU here)
     settings = {"quantize_mode": "int8", "calibration_method": "default (entropy)", "high_precision_dtype": "fp32",
                 "op_types_to_exclude": CLASSIFIER_TYPES, "calibration_eps": ["cpu"]}  # fmt: skip
-    quantize(str(fp32), quantize_mode="int8", calibration_data_reader=Batches(), calibration_eps=["cpu"],
+    # 64 images per calibration step: its default (the graph's dynamic batch read as 1) would take 512 steps
+    shapes = "input:" + "x".join(map(str, (64, *images.shape[1:])))
+    quantize(str(fp32), quantize_mode="int8", calibration_data={"input": images}, calibration_shapes=shapes, calibration_eps=["cpu"],
              high_precision_dtype="fp32", op_types_to_exclude=CLASSIFIER_TYPES, output_path=str(out), log_level="WARNING")  # fmt: skip
     return settings
 
