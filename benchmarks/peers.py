@@ -156,6 +156,16 @@ def top1(runner: Any, size: int) -> float:
 
 
 def bench_model(arch: str, size: int, log: Path) -> dict[str, Any]:
+    """One model's rows; kept in its run directory, so a run cut short resumes at the next model."""
+    done = WORK / f"{arch}-{size}/result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    result = measure_model(arch, size, log)
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def measure_model(arch: str, size: int, log: Path) -> dict[str, Any]:
     scored = size == 32
     run = prepare(arch, size, log)
     artifacts = ours(run, log)
@@ -207,8 +217,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, choices=sorted(RUNS), required=True)
     size = parser.parse_args().size
     RESULTS.mkdir(parents=True, exist_ok=True)
-    log = RESULTS / f"peers_{size}.log"
-    log.write_text("")
+    log = RESULTS / f"peers_{size}.log"  # appended to: a resumed run keeps the output of the models it reuses
     torch.set_num_threads(THREADS)
     models = [bench_model(arch, size, log) for arch in MODELS]
     env = {"threads": THREADS, "onnxruntime": ort.__version__, "openvino": ov.get_version(), "torch": torch.__version__,
