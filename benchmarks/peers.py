@@ -7,7 +7,7 @@ float. What each tool then does is its own, and recorded per row:
 - ours: `quantize --bits w8a8` with the minmax and the percentile (99.99) calibrator, exported for
   ONNX Runtime with each weight layout (`--ort-kernel symmetric`: zero-point 0, `gemm`: -1);
 - ORT `quantize_static`: QDQ, per-channel int8 weights, uint8 activations, MinMax and Percentile
-  99.99, quantizing the op types ours quantizes (read from our artifact's graph);
+  99.99, quantizing the op types ours quantizes (every op of the FP32 graph outside the head);
 - NVIDIA ModelOpt ONNX PTQ: int8, its default calibrator (entropy), float parts kept fp32 (its
   default, fp16, would make every float op fp16), Gemm/MatMul excluded;
 - NNCF `nncf.quantize` on the OpenVINO model: its defaults (performance preset, fast bias
@@ -100,12 +100,11 @@ def ours(run: Path, log: Path) -> dict[str, Path]:
     return made
 
 
-def quantized_op_types(path: Path) -> list[str]:
-    """The op types that read a dequantized tensor in a QDQ graph: what that tool quantized."""
-    graph = onnx.load(str(path)).graph
-    made_by = {out: node.op_type for node in graph.node for out in node.output}
-    return sorted({n.op_type for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-                   and any(made_by.get(i) == "DequantizeLinear" for i in n.input[:1])})  # fmt: skip
+def ops_to_quantize(fp32: Path) -> list[str]:
+    """Every op type of the FP32 graph outside the head: what ours quantizes (the head's pooling, flatten and classifier
+    stay float on every side). Read from the FP32 graph, where a ReLU6 is still a Clip."""
+    head = {"GlobalAveragePool", "Flatten", "Gemm", "MatMul", "Identity"}
+    return sorted({node.op_type for node in onnx.load(str(fp32)).graph.node} - head)
 
 
 class _Reader(CalibrationDataReader):
@@ -128,6 +127,8 @@ def ort_quantize_static(fp32: Path, images: np.ndarray, calibrator: str, op_type
 
 def peer_artifacts(fp32: Path, images: np.ndarray, out: Path, log: Path) -> dict[str, Any]:
     """ModelOpt's and NNCF's artifacts, made in the peers' own environment (created on first use)."""
+    if (out / "peers.json").is_file():  # made by a run cut short, from the same FP32 ONNX and images
+        return json.loads((out / "peers.json").read_text())
     python = PEERS_VENV / "bin/python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
@@ -172,7 +173,7 @@ def measure_model(arch: str, size: int, log: Path) -> dict[str, Any]:
     fp32 = run / "minmax/symmetric/export/fp32/model.onnx"  # every export writes the same FP32 ONNX
     batches, _ = load_calibration(DataSource.of("fashion-mnist", None, size), CALIB_IMAGES, ROOT / "calib")
     images = torch.cat(batches).numpy()
-    op_types = quantized_op_types(artifacts["ours, minmax, symmetric kernel"])
+    op_types = ops_to_quantize(fp32)
     for calib in ("minmax", "percentile"):
         artifacts[f"quantize_static, {calib}"] = ort_quantize_static(fp32, images, calib, op_types, run / f"quantize_static-{calib}.onnx")
     peers = peer_artifacts(fp32, images, run, log)
@@ -194,7 +195,7 @@ def measure_model(arch: str, size: int, log: Path) -> dict[str, Any]:
             for row in group:
                 row["top1"] = top1(runners[row["artifact"]], size)
         rows += group
-    return {"model": MODELS[arch], "arch": arch, "input": size, "scored": scored, "quantized_op_types": op_types,
+    return {"model": MODELS[arch], "arch": arch, "input": size, "scored": scored, "ops_quantized_by_quantize_static": op_types,
             "peers": peers, "rows": rows, "verdict": verdict(rows) if scored else None}  # fmt: skip
 
 
