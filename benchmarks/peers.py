@@ -11,10 +11,13 @@ float. What each tool then does is its own, and recorded per row:
 - NVIDIA ModelOpt ONNX PTQ: int8, its default calibrator (entropy), float parts kept fp32 (its
   default, fp16, would make every float op fp16), Gemm/MatMul excluded;
 - NNCF `nncf.quantize` on the OpenVINO model: its defaults (performance preset, fast bias
-  correction), the classifier MatMul ignored; it writes OpenVINO IR, so it runs in OpenVINO only.
+  correction), the classifier MatMul ignored; it writes OpenVINO IR, so it runs in OpenVINO only;
+- ours once more as OpenVINO IR (`openvino.convert_model` of our QDQ ONNX), to see whether OpenVINO
+  loads or runs it faster than the ONNX file itself.
 Every ONNX artifact runs in ONNX Runtime and in OpenVINO (CPU, FP32 inference precision so float
 stays float), 2 threads each. Per artifact and runtime: top-1 on all 10,000 Fashion-MNIST test images,
-convolutions the runtime runs in integers (ORT's optimized graph; OpenVINO's runtime model), and
+convolutions the runtime runs in integers (ORT's optimized graph; OpenVINO's runtime model), the
+seconds to read and compile the file, and
 latency at batch 1 and 32 in interleaved rounds (ssql_deploy.bench.timing, as `bench` times), speed-up
 = median of per-round ratios to the FP32 model on the same runtime.
 
@@ -33,6 +36,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +182,19 @@ def measure_model(arch: str, size: int, log: Path) -> dict[str, Any]:
         artifacts[f"quantize_static, {calib}"] = ort_quantize_static(fp32, images, calib, op_types, run / f"quantize_static-{calib}.onnx")
     peers = peer_artifacts(fp32, images, run, log)
     artifacts |= {"ModelOpt, entropy": run / "modelopt.onnx", "NNCF, defaults": run / "nncf.xml"}
+    ir = run / "ours-ir.xml"  # issue 13: does OpenVINO run our QDQ ONNX faster converted to its IR first?
+    ov.save_model(ov.convert_model(str(artifacts["ours, percentile, symmetric kernel"])), str(ir), compress_to_fp16=False)
+    artifacts["ours, percentile, symmetric kernel, as OpenVINO IR"] = ir
     rows: list[dict[str, Any]] = []
     for runtime, make in RUNNERS.items():
         files = {"FP32": fp32} | {n: p for n, p in artifacts.items() if runtime == "openvino" or p.suffix == ".onnx"}
-        runners = {name: make(path, THREADS) for name, path in files.items()}
-        group = [{"artifact": name, "runtime": runtime, "int8_convs": convs_run_int8(runtime, files[name], r), "latency": {}, "speedup": {}}
-                 for name, r in runners.items()]  # fmt: skip
+        runners, load_s = {}, {}
+        for name, path in files.items():
+            start = time.perf_counter()
+            runners[name] = make(path, THREADS)
+            load_s[name] = round(time.perf_counter() - start, 3)  # read and compile: what a service pays at start-up
+        group = [{"artifact": name, "runtime": runtime, "int8_convs": convs_run_int8(runtime, files[name], r), "load_s": load_s[name],
+                  "latency": {}, "speedup": {}} for name, r in runners.items()]  # fmt: skip
         for batch, runs in RUNS[size].items():
             timers = {name: r.timer(batch, size) for name, r in runners.items()}
             measured = interleaved(timers, WARMUP, runs, ROUNDS, f"{arch} {size}px {runtime} batch {batch}")
