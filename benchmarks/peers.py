@@ -5,7 +5,8 @@ Per model, every tool gets the same fine-tuned network (the FP32 ONNX our export
 (calib/fashion-mnist-train-512.json, preprocessed once and handed to each), and the classifier left
 float. What each tool then does is its own, and recorded per row:
 - ours: `quantize --bits w8a8` with the minmax and the percentile (99.99) calibrator, exported for
-  ONNX Runtime with each weight layout (`--ort-kernel symmetric`: zero-point 0, `gemm`: -1);
+  ONNX Runtime with each weight layout (`--ort-kernel symmetric`: zero-point 0, `gemm`: -1), and
+  for TensorRT (`--engine trt`: Q/DQ on conv inputs only, as ModelOpt places them; run in OpenVINO);
 - ORT `quantize_static`: QDQ, per-channel int8 weights, uint8 activations, MinMax and Percentile
   99.99, quantizing the op types ours quantizes (every op of the FP32 graph outside the head);
 - NVIDIA ModelOpt ONNX PTQ: int8, its default calibrator (entropy), float parts kept fp32 (its
@@ -101,7 +102,14 @@ def ours(run: Path, log: Path) -> dict[str, Path]:
         for kernel in ("symmetric", "gemm"):
             run_logged(log, "export", out, "--bits", "w8a8", "--engine", "ort", "--ort-kernel", kernel, "--out", out / kernel)
             made[f"ours, {calib}, {kernel} kernel"] = out / kernel / "export/w8a8-ort/model.qdq.onnx"
+        run_logged(log, "export", out, "--bits", "w8a8", "--engine", "trt", "--out", out / "trt")
+        made[f"ours, {calib}, trt layout"] = out / "trt/export/w8a8-trt/model.qdq.onnx"  # TensorRT's Q/DQ rules: OpenVINO only
     return made
+
+
+def runs_on(runtime: str, name: str, path: Path) -> bool:
+    """ONNX Runtime runs the ONNX files of the `ort` layout and the peers'; OpenVINO runs every file."""
+    return runtime == "openvino" or (path.suffix == ".onnx" and "trt layout" not in name)
 
 
 def ops_to_quantize(fp32: Path) -> list[str]:
@@ -187,7 +195,7 @@ def measure_model(arch: str, size: int, log: Path) -> dict[str, Any]:
     artifacts["ours, percentile, symmetric kernel, as OpenVINO IR"] = ir
     rows: list[dict[str, Any]] = []
     for runtime, make in RUNNERS.items():
-        files = {"FP32": fp32} | {n: p for n, p in artifacts.items() if runtime == "openvino" or p.suffix == ".onnx"}
+        files = {"FP32": fp32} | {n: p for n, p in artifacts.items() if runs_on(runtime, n, p)}
         runners, load_s = {}, {}
         for name, path in files.items():
             start = time.perf_counter()
