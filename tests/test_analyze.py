@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import CliRun, assert_user_error
 from onnx import numpy_helper
 
-from ssql_deploy.analyze.allocate import Budget, solve, totals
+from ssql_deploy.analyze.allocate import Budget, monotone_costs, solve, totals
 from ssql_deploy.analyze.sensitivity import Settings, Validation, hutchinson_traces, measure
 from ssql_deploy.data import DataSource
 from ssql_deploy.export.onnx_graph import INPUT_NAME
@@ -104,8 +104,14 @@ def analysed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, cli: CliR
     return run
 
 
-def _cost(rows: list[dict], bits: int) -> float:
-    return sum(r["sensitivity"][str(bits)] for r in rows)
+def _cost(rows: list[dict], bits: list[int], analysed: list[int]) -> float:
+    """What the planner minimises: each quantizer's monotone cost at its width, activation points of one module
+    (one width in a config) summed before the envelope is taken, as the planner groups them."""
+    groups: dict[str, tuple[dict[str, float], int]] = {}
+    for r, b in zip(rows, bits, strict=True):
+        summed, _ = groups.get(r["layer"], ({}, b))
+        groups[r["layer"]] = ({k: summed.get(k, 0.0) + v for k, v in r["sensitivity"].items()}, b)
+    return sum(monotone_costs(sensitivity, [b], analysed)[0] for sensitivity, b in groups.values())
 
 
 @pytest.mark.parametrize("budget", ["avg-wbits=5", "avg-wbits=4,avg-abits=6", "size-mb=0.03", "bops=0.1"])
@@ -122,7 +128,8 @@ def test_the_plan_meets_its_budget_and_beats_every_uniform_plan_that_does(analys
     limits = Budget.parse(budget).limits
     assert reached["avg_wbits"] <= limits.get("avg-wbits", 8) + 1e-9 and reached["size_mb"] <= limits.get("size-mb", 1e9) + 1e-9
     assert reached["avg_abits"] <= limits.get("avg-abits", 8) + 1e-9 and bops <= limits.get("bops", 1e9) + 1e-9
-    objective = sum(r["sensitivity"][str(b)] for r, b in zip(weights + acts, w_bits + a_bits, strict=True))
+    analysed = sensitivity["bits"]
+    objective = _cost(weights, w_bits, analysed) + _cost(acts, a_bits, analysed)
     assert objective == pytest.approx(found["objective"], abs=1e-6)
     for w in (2, 4, 8):
         for a in (2, 4, 8):
@@ -130,7 +137,17 @@ def test_the_plan_meets_its_budget_and_beats_every_uniform_plan_that_does(analys
             fits = uniform["avg_wbits"] <= limits.get("avg-wbits", 8) and uniform["avg_abits"] <= limits.get("avg-abits", 8)
             fits &= uniform["size_mb"] <= limits.get("size-mb", 1e9) and "bops" not in limits
             if fits:
-                assert objective <= _cost(weights, w) + _cost(acts, a) + 1e-9
+                assert objective <= _cost(weights, [w] * len(weights), analysed) + _cost(acts, [a] * len(acts), analysed) + 1e-9
+
+
+def test_noise_that_scores_a_narrower_width_better_buys_nothing() -> None:
+    """A free width is the widest even where the measurement put a narrower one slightly ahead (noise, not signal)."""
+    weights = [{"layer": f"conv{i}", "params": 100, "sensitivity": {"2": 1.0, "4": 0.1, "8": 0.0}} for i in range(2)]
+    acts = [{"point": f"relu{i}", "layer": f"relu{i}", "elements": 10, "sensitivity": {"2": 0.5, "4": -0.02, "8": 0.01}} for i in range(2)]
+    found = solve({"bits": [2, 4, 8], "weights": weights, "activations": acts}, Budget.parse("avg-wbits=4"))
+    assert found["avg_abits"] == 8 and found["config"].a == 8 and found["avg_wbits"] == 4
+    assert found["objective"] == pytest.approx(2 * 0.1 + 2 * 0.01)
+    assert monotone_costs({"2": 0.5, "4": -0.02, "8": 0.01}, [2, 4, 8], [2, 4, 8]) == [0.5, 0.01, 0.01]
 
 
 def test_bits_auto_quantizes_exports_and_its_config_is_reusable(analysed: Path, tmp_path: Path, cli: CliRun) -> None:
