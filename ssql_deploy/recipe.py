@@ -361,6 +361,7 @@ class BenchRecipe(DataRecipe):
         default=["onnxruntime"], min_length=1
     )  # what runs each ONNX file
     evalset: Path | None = None  # an evalset.npz (export --evalset): bench ONNX files on it without torch
+    device: str = "CPU"  # the OpenVINO device of the openvino rows (`CPU`, `GPU`, `NPU`, `AUTO`, ...)
     out: Directory = Path("runs/bench")
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import CliRun
+import torch
+from conftest import CliRun, assert_user_error
 
 from ssql_deploy.bench.schema import Row, baseline_name
 from ssql_deploy.bench.timing import ROUND_WARMUP, interleaved, paired_speedup
+from ssql_deploy.export.ort_session import optimized_op_counts
 from ssql_deploy.quant.artifact import load_quantized
 from ssql_deploy.quant.calib_set import load_calibration
 
@@ -64,19 +66,34 @@ def test_speedups_compare_with_the_fp32_row_of_the_same_runtime_and_tensorrt_wit
     assert baseline_name(Row(name=name, runtime=runtime, bits="w8a8", status="ok", top1=None, latency={})) == expected
 
 
-def test_the_peer_benchmark_gives_quantize_static_the_ops_and_calibration_ours_gets(deployed: Path, tmp_path: Path) -> None:
-    """benchmarks/ort_int8_speed.py, like for like: ORT's quantize_static on the same FP32 ONNX and images ends up with the
-    same integer kernels as our export (every conv and residual add), the classifier left in float on both sides."""
-    spec = importlib.util.spec_from_file_location("ort_int8_speed", Path(__file__).resolve().parents[1] / "benchmarks/ort_int8_speed.py")
+def _kernels(path: Path) -> dict[str, int]:
+    """The integer kernels ONNX Runtime runs for a graph, and the float convs and gemms left, after its own fusions."""
+    integer = ("QLinearConv", "ConvInteger", "QLinearAdd", "QLinearMatMul", "QGemm", "QLinearGlobalAveragePool", "MatMulInteger")
+    ops = optimized_op_counts(onnx.load(str(path)))
+    return {op: n for op, n in ops.items() if op in integer or op in ("Conv", "FusedConv", "Gemm", "FusedGemm")}
+
+
+def test_the_peer_benchmark_gives_quantize_static_the_ops_and_calibration_ours_gets(
+    deployed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/peers.py, like for like: ORT's quantize_static on the same FP32 ONNX and images, told the op types our
+    graph quantizes (all but the head), ends up with the same integer kernels as our export (every conv and residual add), the classifier
+    left in float on both sides."""
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("peers", benchmarks / "peers.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     meta = load_quantized(deployed / "quant/w4a4/quantized.pt").meta
-    images, _ = load_calibration(meta.source(), 64, deployed.parent / "calib")
-    ours = bench.kernels(deployed / "export/w4a4-ort/model.qdq.onnx")
-    for calibrator in bench.CALIBRATORS:
-        theirs = bench.kernels(
-            bench.ort_quantize_static(deployed / "export/fp32/model.onnx", tmp_path / f"{calibrator}.onnx", images, calibrator)
+    batches, _ = load_calibration(meta.source(), 64, deployed.parent / "calib")
+    op_types = bench.ops_to_quantize(deployed / "export/fp32/model.onnx")
+    assert {"Add", "Conv", "Relu"} <= set(op_types) and not {"Gemm", "GlobalAveragePool", "Flatten"} & set(op_types)
+    ours = _kernels(deployed / "export/w4a4-ort/model.qdq.onnx")
+    for calibrator in ("minmax", "percentile"):
+        out = tmp_path / f"{calibrator}.onnx"
+        theirs = _kernels(
+            bench.ort_quantize_static(deployed / "export/fp32/model.onnx", torch.cat(batches).numpy(), calibrator, op_types, out)
         )
         assert theirs == ours, (calibrator, theirs, ours)
     assert ours["QLinearConv"] == 12 and ours.get("QLinearAdd", 0) == 4 and "QGemm" not in ours
@@ -88,6 +105,7 @@ def test_openvino_runs_every_onnx_file_beside_onnx_runtime_and_reports_its_int8_
     run = tmp_path / "run"
     shutil.copytree(deployed, run)
     assert cli("export", run, "--bits", "w4a4", "--engine", "trt", "--no-build-engine").returncode == 0
+    assert cli("export", run, "--bits", "w4a4", "--ort-kernel", "gemm").returncode == 0  # weight zero-point -1
     out = tmp_path / "bench"
     result = cli("bench", run, "--runtime", "ort,openvino", "--subset", "256", "--workers", "0", "--batch-sizes", "1", "--out", out)
     assert result.returncode == 0, result.stderr
@@ -100,6 +118,8 @@ def test_openvino_runs_every_onnx_file_beside_onnx_runtime_and_reports_its_int8_
     convs = sum(1 for n in onnx.load(str(run / "export/w4a4-trt/model.qdq.onnx")).graph.node if n.op_type == "Conv")
     assert rows["ov-qdq-trt-w4a4"]["runtime_detail"].endswith(f"{convs} of {convs} convolutions int8")
     assert rows["ov-qdq-ort-w4a4"]["runtime_detail"].endswith(f"0 of {convs} convolutions int8")
-    assert any("--engine trt" in note for note in rows["ov-qdq-ort-w4a4"]["notes"])
+    assert any("--ort-kernel symmetric" in note for note in rows["ov-qdq-ort-w4a4"]["notes"])
     bad = cli("bench", run, "--runtime", "tvm", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "unknown runtime 'tvm'" in bad.stderr
+    assert_user_error(cli("bench", run, "--runtime", "openvino", "--device", "TPU", "--out", tmp_path / "bad"), "no device 'TPU'", "CPU")
+    assert not (tmp_path / "bad").exists()

@@ -96,7 +96,21 @@ def test_cli_quantize_export_bench_gate(tiny_run: Path, tmp_path: Path, cli: Cli
     export = json.loads((run / "export/w8a8-trt/manifest.json").read_text())
     assert export["metrics"]["status"] == "ok" and export["metrics"]["check"]["trt_rule_violations"] == []
     assert any("re-expressed as signed int8" in n for n in export["metrics"]["notes"])
-    assert export["metrics"]["parity"]["top1_agreement"] >= 99
+    assert export["metrics"]["parity"]["top1_agreement"] >= 99 and export["metrics"]["kernel_choice"] is None  # one kernel in trt
+
+    # --ort-kernel auto timed both of ORT's integer paths on this machine and shipped the faster
+    ort_metrics = json.loads((run / "export/w8a8-ort/manifest.json").read_text())["metrics"]
+    choice = ort_metrics["kernel_choice"]
+    assert set(choice["p50_ms"]) == {"symmetric", "gemm"} and all(set(t) == {"1", "32"} for t in choice["p50_ms"].values())
+    assert choice["chosen"] == min(choice["p50_ms"], key=lambda k: choice["p50_ms"][k]["1"] * choice["p50_ms"][k]["32"])
+    shipped = onnx.load(str(run / "export/w8a8-ort/model.qdq.onnx"))
+    zero_points = {int(onnx.numpy_helper.to_array(t).flat[0]) for t in shipped.graph.initializer if t.name.endswith("_weight_zero_point")}
+    assert (
+        zero_points
+        == {choice["weight_zero_point"]}
+        == {ort_metrics["weight_zero_point"]}
+        == {{"symmetric": 0, "gemm": -1}[choice["chosen"]]}
+    )
 
     b = cli("bench", tiny_run, run, "--batch-sizes", "1,4", "--subset", "300", "--workers", "0", "--out", tmp_path / "bench")
     assert b.returncode == 0, b.stderr

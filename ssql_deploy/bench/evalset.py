@@ -27,7 +27,6 @@ from ssql_deploy.run_layout import FP32_FILE, ExportKey
 from ssql_deploy.runtimes import ENGINES, QDQ_FILE, RUNTIMES, RuntimeName
 
 EVALSET_FILE = "evalset.npz"
-RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}
 
 
 def write_evalset(path: Path, images: np.ndarray, labels: np.ndarray, about: dict[str, Any]) -> None:
@@ -84,7 +83,7 @@ def run_evalset_bench(recipe: BenchRecipe) -> dict[str, Any]:
             rows[name] = Row(name=name, runtime=runtime, bits=bits, engine=engine, status="ok", top1=None, latency={},
                              size_bytes=path.stat().st_size)  # fmt: skip
             try:
-                runners[name] = RUNNERS[runtime](path, threads)
+                runners[name] = OrtRunner(path, threads) if runtime == "onnxruntime" else OpenVinoRunner(path, threads, recipe.device)
             except ImportError as exc:
                 rows[name].status = f"skipped: {exc}"
                 continue

@@ -48,26 +48,29 @@ class OrtRunner:
 
 
 class OpenVinoRunner:
-    """An ONNX file compiled by OpenVINO for the CPU, with FP32 inference precision so the FP32 row is FP32
-    (on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float layers in bf16)."""
+    """An ONNX file (or OpenVINO IR) compiled by OpenVINO for `device`, with FP32 inference precision so the FP32
+    row is FP32 (on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float layers in bf16)."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, device: str = "CPU") -> None:
         try:
             import openvino as ov
         except ImportError:
             raise ImportError("OpenVINO is not installed (pip install 'ssql-deploy[openvino]')") from None
         core = ov.Core()
+        if device.split(":")[0] not in ("AUTO", "MULTI", "HETERO") and device not in core.available_devices:
+            raise UserError(f"OpenVINO has no device {device!r} here", f"choose one it lists: {', '.join(core.available_devices)}")
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = threads
         try:
-            self.compiled = core.compile_model(
-                core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-            )
+            self.compiled = core.compile_model(core.read_model(str(path)), device, config)
         except RuntimeError as exc:
             said = (str(exc).strip().splitlines() or ["unknown error"])[0]
             raise UserError(f"OpenVINO {ov.__version__} cannot compile {path}: {said}", "re-export it with `ssql-deploy export`") from None
         self.request = self.compiled.create_infer_request()
         convs = openvino_conv_precisions(self.compiled)
         self.int8_convs, self.convs = convs.get("i8", 0) + convs.get("u8", 0), sum(convs.values())
-        self.detail = f"OpenVINO {ov.__version__} CPU: {self.int8_convs} of {self.convs} convolutions int8"
+        self.detail = f"OpenVINO {ov.__version__} {device}: {self.int8_convs} of {self.convs} convolutions int8"
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.request.infer({0: x})[0])

@@ -62,16 +62,16 @@ def _tensorrt(path: Path, _threads: int) -> Runner:
     return TensorRTRunner(path)
 
 
-# One runner per row of runtimes.RUNTIMES: (artifact file, kind, threads) -> Runner.
-RUNNERS: dict[RuntimeName, Callable[[Path, str, int], Runner]] = {
-    "torch": lambda path, kind, _threads: TorchRunner(torch_model(path, kind)),
-    "onnxruntime": lambda path, _kind, threads: OrtRunner(path, threads),
-    "openvino": lambda path, _kind, threads: OpenVinoRunner(path, threads),
-    "tensorrt": lambda path, _kind, threads: _tensorrt(path, threads),
+# One runner per row of runtimes.RUNTIMES: (artifact file, kind, threads, OpenVINO device) -> Runner.
+RUNNERS: dict[RuntimeName, Callable[[Path, str, int, str], Runner]] = {
+    "torch": lambda path, kind, _threads, _device: TorchRunner(torch_model(path, kind)),
+    "onnxruntime": lambda path, _kind, threads, _device: OrtRunner(path, threads),
+    "openvino": lambda path, _kind, threads, device: OpenVinoRunner(path, threads, device),
+    "tensorrt": lambda path, _kind, threads, _device: _tensorrt(path, threads),
 }
 assert set(RUNNERS) == set(RUNTIMES)
 
 
-def load_runner(artifact: Artifact, threads: int) -> Runner:
+def load_runner(artifact: Artifact, threads: int, device: str = "CPU") -> Runner:
     assert artifact.path is not None
-    return RUNNERS[artifact.runtime](artifact.path, artifact.kind, threads)
+    return RUNNERS[artifact.runtime](artifact.path, artifact.kind, threads, device)

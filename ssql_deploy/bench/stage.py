@@ -29,9 +29,9 @@ from ssql_deploy.progress import progress_bar
 from ssql_deploy.recipe import BenchRecipe
 from ssql_deploy.run import versions
 
-OPENVINO_FLOAT_NOTE = ("OpenVINO ran none of this graph's convolutions in int8: it fuses the signed, symmetric Q/DQ pairs of the "
-                       "trt layout into int8 convolutions, not the ort layout's; export with --engine trt and bench that QDQ ONNX "
-                       "with --runtime openvino")  # fmt: skip
+OPENVINO_FLOAT_NOTE = ("OpenVINO ran none of this graph's convolutions in int8: it fuses weights with zero-point 0 into int8 "
+                       "convolutions, not the weight zero-point -1 of ONNX Runtime's QGEMM path; export with --ort-kernel symmetric "
+                       "(or --engine trt) and bench that QDQ ONNX with --runtime openvino")  # fmt: skip
 
 
 def _cpu_name() -> str:
@@ -134,7 +134,7 @@ def run_bench(recipe: BenchRecipe) -> dict[str, Any]:
     runners: dict[str, Runner] = {}
     for artifact in measurable:
         try:
-            runners[artifact.name] = load_runner(artifact, threads)
+            runners[artifact.name] = load_runner(artifact, threads, recipe.device)
         except (ImportError, RuntimeError) as exc:  # TensorRT absent or no GPU: the row is skipped, the rest measured
             rows[artifact.name].status = f"skipped: {str(exc).splitlines()[0]}"
             continue

@@ -29,7 +29,9 @@ def bench_cmd(
     evalset: Annotated[Path | None, recipe_option(B, "evalset", "An evalset.npz written by `export --evalset`: score and time "
                        "ONNX files on it with nothing but the runtime installed (no torch).", default="none")] = None,
     runtime: Annotated[str | None, recipe_option(B, "runtimes", "Comma-separated runtimes every ONNX file runs on: ort (ONNX Runtime), "
-                       "openvino (CPU; needs the openvino extra).", flag="--runtime")] = None,
+                       "openvino (needs the openvino extra).", flag="--runtime")] = None,
+    device: Annotated[str | None, recipe_option(B, "device", "OpenVINO device for the openvino rows (CPU, GPU, NPU, AUTO: "
+                      "any OpenVINO lists).")] = None,
     subset: SubsetOpt = None,
     workers: WorkersOpt = None,
     out: Annotated[Path | None, recipe_option(B, "out", "Directory for report.json/.md/.png.")] = None,
@@ -39,7 +41,7 @@ def bench_cmd(
     settings = BenchRecipe.build(recipe, artifacts=artifacts, data=data, data_root=data_root, input_size=input_size,
                                  batch_sizes=int_list(batch_sizes, "--batch-sizes", "1,32"), runs=runs, rounds=rounds,
                                  warmup=warmup, threads=threads, subset=subset, workers=workers, out=out,
-                                 runtimes=runtime.split(",") if runtime else None, evalset=evalset)  # fmt: skip
+                                 runtimes=runtime.split(",") if runtime else None, evalset=evalset, device=device)  # fmt: skip
     if settings.evalset is not None:  # on a board: nothing but the runtime and numpy
         from ssql_deploy.bench.evalset import run_evalset_bench
 

@@ -21,8 +21,8 @@ from ssql_deploy.bench.evalset import EVALSET_FILE, write_evalset
 from ssql_deploy.data import DataSource
 from ssql_deploy.errors import CheckFailed
 from ssql_deploy.export.engine_checks import CHECKS
+from ssql_deploy.export.kernel_choice import KERNELS, KernelChoice, choose_kernel
 from ssql_deploy.export.onnx_graph import INPUT_NAME, build_onnx
-from ssql_deploy.export.ort_session import cpu_has_amx_int8
 from ssql_deploy.export.parity import check_parity
 from ssql_deploy.export.storage import weight_storage
 from ssql_deploy.export.tensorrt_engine import build_engine, tensorrt_status, trtexec_command
@@ -65,6 +65,7 @@ class ExportMetrics(BaseModel):
     notes: list[str]
     newly_calibrated_points: list[str]
     weight_zero_point: int
+    kernel_choice: KernelChoice | None = None  # what `--ort-kernel auto` measured; None when the kernel was given or the layout has one
     check: dict[str, Any]  # the engine's own check (engine_checks.py)
     parity: dict[str, Any]
     engine_build: EngineBuild | None = None
@@ -126,10 +127,19 @@ def _write_evalset(out_dir: Path, source: DataSource, size: int | None) -> Path:
     return path
 
 
-def _weight_zero_point(recipe: ExportRecipe) -> int:
-    """-1 (ORT's QGEMM path) when asked, or by `auto` on a CPU with AMX-INT8, and the layout allows it; else 0."""
-    wanted = -1 if recipe.ort_kernel == "gemm" or (recipe.ort_kernel == "auto" and cpu_has_amx_int8()) else 0
-    return wanted if wanted in LAYOUTS[ENGINES[recipe.engine].layout].weight_zero_points else 0
+def _build_graph(
+    gm: torch.fx.GraphModule, chw: tuple[int, int, int], recipe: ExportRecipe, props: dict[str, str]
+) -> tuple[onnx.ModelProto, int, KernelChoice | None]:
+    """The QDQ graph with the weight zero-point the kernel asks for; `auto` times both where the layout has both."""
+    layout = ENGINES[recipe.engine].layout
+    allowed = LAYOUTS[layout].weight_zero_points
+    if recipe.ort_kernel == "auto" and len(allowed) > 1:
+        graphs = {zp: build_onnx(gm, chw, layout, props, weight_zero_point=zp) for zp in allowed}
+        choice = choose_kernel(graphs, chw[-1], recipe.threads or torch.get_num_threads())
+        return graphs[choice.weight_zero_point], choice.weight_zero_point, choice
+    wanted = next((zp for zp, name in KERNELS.items() if name == recipe.ort_kernel), 0)
+    zero_point = wanted if wanted in allowed else 0
+    return build_onnx(gm, chw, layout, props, weight_zero_point=zero_point), zero_point, None
 
 
 def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
@@ -149,9 +159,8 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     out_dir = RunLayout(run_dir).export(ExportKey(label, engine.name))
     chw = (3, meta.input_size, meta.input_size)
 
-    zero_point = _weight_zero_point(recipe)
     props = model_props(meta, bits=label, variant=label, engine=engine.name, calibrator=cal["calibrator"])
-    model = build_onnx(gm, chw, engine.layout, props, weight_zero_point=zero_point)
+    model, zero_point, kernel_choice = _build_graph(gm, chw, recipe, props)
     check = CHECKS[engine.name](model)
     parity = check_parity(gm, model, batches, recipe.threads)
     problems = check.problems + parity["problems"]
@@ -168,7 +177,7 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     build = _build_tensorrt(onnx_path, fp32_path, out_dir, chw, recipe, outputs) if engine.builds_from_onnx and not problems else None
     metrics = ExportMetrics(variant=label, engine=engine.name, status="failed: " + problems[0] if problems else "ok",
                             notes=_numerics_notes(gm) + check.notes, newly_calibrated_points=sorted(missing),
-                            weight_zero_point=zero_point, check=check.report, parity=parity, engine_build=build,
+                            weight_zero_point=zero_point, kernel_choice=kernel_choice, check=check.report, parity=parity, engine_build=build,
                             weight_storage=weight_storage(gm, onnx_path))  # fmt: skip
     write_manifest(out_dir, STAGE, {"quantized": qpath, "calib_manifest": calib_manifest, "fp32_onnx": fp32_path},
                    recipe.model_dump(mode="json"), metrics.model_dump(mode="json"), outputs)  # fmt: skip

@@ -1,0 +1,59 @@
+"""`--ort-kernel auto`: ONNX Runtime's two integer convolution paths, timed on this artifact, the faster one kept.
+
+A weight zero-point of 0 sends `QLinearConv` to ORT's symmetric (VNNI) convolution kernel; -1 (exact:
+the narrow weight range leaves that integer free) to its general QGEMM path, which uses AMX where the
+CPU has it. Which is faster depends on the CPU, the network and the batch, not on a CPU flag alone:
+this project's first AMX machine measured QGEMM faster on a ResNet-18, its second measured the
+symmetric kernel faster for MobileNetV2, MobileNetV3, EfficientNet and a ResNet
+(`benchmarks/results/families_int8.json`). So `auto` builds both graphs, times them side by side on
+the exporting machine (interleaved rounds, batch 1 and 32) and ships the one with the lower geometric
+mean of the two medians; the manifest records both timings. Export on the machine you deploy to, or
+pass `--ort-kernel symmetric|gemm` to fix the choice.
+"""
+
+import math
+from typing import Any
+
+import onnx
+from pydantic import BaseModel, ConfigDict
+
+from ssql_deploy.bench.onnx_runners import fixed_input
+from ssql_deploy.bench.timing import Timer, interleaved
+from ssql_deploy.export.ort_session import make_session
+from ssql_deploy.runtimes import INPUT_NAME
+
+KERNELS = {0: "symmetric", -1: "gemm"}  # weight zero-point -> ORT's kernel path
+BATCHES = (1, 32)
+WARMUP, RUNS, ROUNDS = 3, 15, 5
+
+
+class KernelChoice(BaseModel):
+    """What `auto` measured and chose, as the export manifest records it."""
+
+    model_config = ConfigDict(extra="forbid")
+    chosen: str
+    weight_zero_point: int
+    p50_ms: dict[str, dict[str, float]]  # kernel -> batch -> median latency
+    threads: int
+
+
+def choose_kernel(graphs: dict[int, onnx.ModelProto], input_size: int, threads: int) -> KernelChoice:
+    """Time each candidate graph (keyed by weight zero-point) and pick the faster over both batch sizes."""
+    sessions = {KERNELS[zp]: make_session(model.SerializeToString(), threads) for zp, model in graphs.items()}
+    p50: dict[str, dict[str, float]] = {name: {} for name in sessions}
+    for batch in BATCHES:
+        feed = {INPUT_NAME: fixed_input(batch, input_size)}
+        timers = {name: _timer(session, feed) for name, session in sessions.items()}
+        for name, measured in interleaved(timers, WARMUP, RUNS, ROUNDS, f"ort kernels at batch {batch}").items():
+            p50[name][str(batch)] = measured.latency(batch).p50_ms
+    score = {name: math.prod(times.values()) for name, times in p50.items()}  # same batches for each: the geometric mean's order
+    chosen = min(score, key=score.__getitem__)
+    zero_point = next(zp for zp, name in KERNELS.items() if name == chosen)
+    return KernelChoice(chosen=chosen, weight_zero_point=zero_point, p50_ms=p50, threads=threads)
+
+
+def _timer(session: Any, feed: dict[str, Any]) -> Timer:
+    def run() -> None:
+        session.run(None, feed)
+
+    return run
