@@ -2,13 +2,13 @@
 
 A weight zero-point of 0 sends `QLinearConv` to ORT's symmetric (VNNI) convolution kernel; -1 (exact:
 the narrow weight range leaves that integer free) to its general QGEMM path, which uses AMX where the
-CPU has it. Which is faster depends on the CPU, the network and the batch, not on a CPU flag alone:
-this project's first AMX machine measured QGEMM faster on a ResNet-18, its second measured the
-symmetric kernel faster for MobileNetV2, MobileNetV3, EfficientNet and a ResNet
-(`benchmarks/results/families_int8.json`). So `auto` builds both graphs, times them side by side on
-the exporting machine (interleaved rounds, batch 1 and 32) and ships the one with the lower geometric
-mean of the two medians; the manifest records both timings. Export on the machine you deploy to, or
-pass `--ort-kernel symmetric|gemm` to fix the choice.
+CPU has it. Which is faster depends on the network, not on a CPU flag alone: on one AMX machine
+QGEMM ran a full ResNet-18 4.14x as fast as FP32 at batch 32 against the symmetric kernel's 3.37x,
+while for MobileNetV2 it gained nothing at all (`benchmarks/results/peers_32.json`), and it was
+slower for all four networks of `benchmarks/results/families_int8.json`. So `auto` builds both
+graphs, times them side by side on the exporting machine (interleaved rounds, batch 1 and 32) and
+ships the one with the lower geometric mean of the two medians; the manifest records both timings.
+Export on the machine you deploy to, or pass `--ort-kernel symmetric|gemm` to fix the choice.
 """
 
 import math
