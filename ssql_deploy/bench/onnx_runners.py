@@ -19,18 +19,20 @@ def fixed_input(batch: int, input_size: int) -> np.ndarray:
 
 
 class OrtRunner:
-    def __init__(self, path: Path, threads: int) -> None:
+    """An ONNX file, or a graph in memory (`export --ort-kernel auto` times its candidates before writing any)."""
+
+    def __init__(self, model: Path | bytes, threads: int, provider: str | None = None) -> None:
         import onnxruntime as ort
 
         from ssql_deploy.export.ort_session import make_session, providers
 
-        provider = providers()[0]
+        provider = provider or providers()[0]
         try:
-            self.session = make_session(path, threads, provider=provider)
+            self.session = make_session(model, threads, provider=provider)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types, none of them ours to show as a traceback
             said = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise UserError(
-                f"ONNX Runtime {ort.__version__} cannot load {path}: {said}",
+                f"ONNX Runtime {ort.__version__} cannot load {model if isinstance(model, Path) else 'the graph'}: {said}",
                 "re-export it with `ssql-deploy export`, or use an onnxruntime that supports its IR and opset versions",
             ) from None
         self.detail = provider
@@ -48,8 +50,8 @@ class OrtRunner:
 
 
 class OpenVinoRunner:
-    """An ONNX file (or OpenVINO IR) compiled by OpenVINO for `device`, with FP32 inference precision so the FP32
-    row is FP32 (on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float layers in bf16)."""
+    """An ONNX file (or OpenVINO IR) compiled by OpenVINO for `device`; on the CPU with FP32 inference precision so
+    the FP32 row is FP32 (on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float layers in bf16)."""
 
     def __init__(self, path: Path, threads: int, device: str = "CPU") -> None:
         try:
@@ -59,9 +61,8 @@ class OpenVinoRunner:
         core = ov.Core()
         if device.split(":")[0] not in ("AUTO", "MULTI", "HETERO") and device not in core.available_devices:
             raise UserError(f"OpenVINO has no device {device!r} here", f"choose one it lists: {', '.join(core.available_devices)}")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
-        if device == "CPU":
-            config["INFERENCE_NUM_THREADS"] = threads
+        # other devices keep their own defaults (a GPU's f16, an NPU's own precision): what deploying there gets
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
         try:
             self.compiled = core.compile_model(core.read_model(str(path)), device, config)
         except RuntimeError as exc:

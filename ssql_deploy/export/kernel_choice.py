@@ -12,17 +12,15 @@ Export on the machine you deploy to, or pass `--ort-kernel symmetric|gemm` to fi
 """
 
 import math
-from typing import Any
 
 import onnx
 from pydantic import BaseModel, ConfigDict
 
-from ssql_deploy.bench.onnx_runners import fixed_input
-from ssql_deploy.bench.timing import Timer, interleaved
-from ssql_deploy.export.ort_session import make_session
-from ssql_deploy.runtimes import INPUT_NAME
+from ssql_deploy.bench.onnx_runners import OrtRunner
+from ssql_deploy.bench.timing import interleaved
 
 KERNELS = {0: "symmetric", -1: "gemm"}  # weight zero-point -> ORT's kernel path
+ZERO_POINTS = {name: zp for zp, name in KERNELS.items()}
 BATCHES = (1, 32)
 WARMUP, RUNS, ROUNDS = 3, 15, 5
 
@@ -39,21 +37,12 @@ class KernelChoice(BaseModel):
 
 def choose_kernel(graphs: dict[int, onnx.ModelProto], input_size: int, threads: int) -> KernelChoice:
     """Time each candidate graph (keyed by weight zero-point) and pick the faster over both batch sizes."""
-    sessions = {KERNELS[zp]: make_session(model.SerializeToString(), threads) for zp, model in graphs.items()}
-    p50: dict[str, dict[str, float]] = {name: {} for name in sessions}
+    runners = {KERNELS[zp]: OrtRunner(model.SerializeToString(), threads, "CPUExecutionProvider") for zp, model in graphs.items()}
+    p50: dict[str, dict[str, float]] = {name: {} for name in runners}
     for batch in BATCHES:
-        feed = {INPUT_NAME: fixed_input(batch, input_size)}
-        timers = {name: _timer(session, feed) for name, session in sessions.items()}
+        timers = {name: runner.timer(batch, input_size) for name, runner in runners.items()}
         for name, measured in interleaved(timers, WARMUP, RUNS, ROUNDS, f"ort kernels at batch {batch}").items():
             p50[name][str(batch)] = measured.latency(batch).p50_ms
     score = {name: math.prod(times.values()) for name, times in p50.items()}  # same batches for each: the geometric mean's order
     chosen = min(score, key=score.__getitem__)
-    zero_point = next(zp for zp, name in KERNELS.items() if name == chosen)
-    return KernelChoice(chosen=chosen, weight_zero_point=zero_point, p50_ms=p50, threads=threads)
-
-
-def _timer(session: Any, feed: dict[str, Any]) -> Timer:
-    def run() -> None:
-        session.run(None, feed)
-
-    return run
+    return KernelChoice(chosen=chosen, weight_zero_point=ZERO_POINTS[chosen], p50_ms=p50, threads=threads)

@@ -21,7 +21,7 @@ from ssql_deploy.bench.evalset import EVALSET_FILE, write_evalset
 from ssql_deploy.data import DataSource
 from ssql_deploy.errors import CheckFailed
 from ssql_deploy.export.engine_checks import CHECKS
-from ssql_deploy.export.kernel_choice import KERNELS, KernelChoice, choose_kernel
+from ssql_deploy.export.kernel_choice import ZERO_POINTS, KernelChoice, choose_kernel
 from ssql_deploy.export.onnx_graph import INPUT_NAME, build_onnx
 from ssql_deploy.export.parity import check_parity
 from ssql_deploy.export.storage import weight_storage
@@ -137,7 +137,7 @@ def _build_graph(
         graphs = {zp: build_onnx(gm, chw, layout, props, weight_zero_point=zp) for zp in allowed}
         choice = choose_kernel(graphs, chw[-1], recipe.threads or torch.get_num_threads())
         return graphs[choice.weight_zero_point], choice.weight_zero_point, choice
-    wanted = next((zp for zp, name in KERNELS.items() if name == recipe.ort_kernel), 0)
+    wanted = ZERO_POINTS.get(recipe.ort_kernel, 0)  # a layout with one weight zero-point (trt) takes no kernel choice
     zero_point = wanted if wanted in allowed else 0
     return build_onnx(gm, chw, layout, props, weight_zero_point=zero_point), zero_point, None
 
