@@ -11,18 +11,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ssql_deploy.bench.onnx_runners import OrtRunner  # noqa: E402
+from ssql_deploy.bench.runners import Runner  # noqa: E402
 from ssql_deploy.data import DataSource  # noqa: E402
 from ssql_deploy.evaluate import eval_loader  # noqa: E402
-from ssql_deploy.export.ort_session import make_session  # noqa: E402
+
+
+def top1(runner: Runner, size: int = 32) -> float:
+    """Top-1 of a runtime's runner on all 10,000 Fashion-MNIST test images at `size` px."""
+    correct = total = 0
+    for images, labels in eval_loader(DataSource.of("fashion-mnist", None, size), None, 500, 1):
+        correct += int((runner.predict(images.numpy()).argmax(1) == labels.numpy()).sum())
+        total += len(labels)
+    return round(100.0 * correct / total, 2)
 
 
 def ort_top1(path: Path, threads: int = 2) -> float:
-    session = make_session(path, threads)
-    correct = total = 0
-    for images, labels in eval_loader(DataSource.of("fashion-mnist", None, 32), None, 500, 1):
-        correct += int((session.run(None, {"input": images.numpy()})[0].argmax(1) == labels.numpy()).sum())
-        total += len(labels)
-    return round(100.0 * correct / total, 2)
+    return top1(OrtRunner(path, threads, "CPUExecutionProvider"))
 
 
 def run_logged(log: Path, *args: str | Path) -> float:

@@ -9,7 +9,7 @@ Fashion-MNIST training images (3 epochs, batch 128, SGD lr 0.05 cosine, wd 1e-4)
   parity check fails (ONNX Runtime agreeing with the PyTorch twin on < 99% of the calibration images)
   is measured all the same, with its status and agreement recorded;
 - latency of the FP32 ONNX, the w8a8 artifact with each of ORT's two kernels (weight zero-point 0:
-  the symmetric conv kernel; -1: the QGEMM path `--ort-kernel auto` picks on a CPU with AMX-INT8)
+  the symmetric conv kernel; -1: ORT's QGEMM path, which uses AMX where the CPU has it)
   and the best w4a8 and w4a4 artifacts, side by side: 2 threads, batch 1 and 32, 10 warm-up runs,
   then 300 (batch 1) or 60 (batch 32) timed runs per artifact in 10 rounds rotating over the
   artifacts (ssql_deploy.bench.timing, as `bench` times); speed-ups are medians of per-round ratios.

@@ -52,12 +52,11 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import run_logged  # noqa: E402
+from evidence import run_logged, top1  # noqa: E402
 
 from ssql_deploy.bench.onnx_runners import OpenVinoRunner, OrtRunner  # noqa: E402
 from ssql_deploy.bench.timing import interleaved, paired_speedup  # noqa: E402
 from ssql_deploy.data import DataSource  # noqa: E402
-from ssql_deploy.evaluate import eval_loader  # noqa: E402
 from ssql_deploy.export.ort_session import cpu_has_amx_int8, integer_conv_report  # noqa: E402
 from ssql_deploy.models import create_model  # noqa: E402
 from ssql_deploy.models.checkpoint import save_atomic  # noqa: E402
@@ -139,8 +138,6 @@ def ort_quantize_static(fp32: Path, images: np.ndarray, calibrator: str, op_type
 
 def peer_artifacts(fp32: Path, images: np.ndarray, out: Path, log: Path) -> dict[str, Any]:
     """ModelOpt's and NNCF's artifacts, made in the peers' own environment (created on first use)."""
-    if (out / "peers.json").is_file():  # made by a run cut short, from the same FP32 ONNX and images
-        return json.loads((out / "peers.json").read_text())
     python = PEERS_VENV / "bin/python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
@@ -158,14 +155,6 @@ def convs_run_int8(runtime: str, path: Path, runner: Any) -> str:
         return f"{runner.int8_convs}/{runner.convs}"
     report = integer_conv_report(onnx.load(str(path)))
     return f"{report['integer_convs']}/{report['convs']}"
-
-
-def top1(runner: Any, size: int) -> float:
-    correct = total = 0
-    for images, labels in eval_loader(DataSource.of("fashion-mnist", None, size), None, 500, 1):
-        correct += int((runner.predict(images.numpy()).argmax(1) == labels.numpy()).sum())
-        total += len(labels)
-    return round(100.0 * correct / total, 2)
 
 
 def bench_model(arch: str, size: int, log: Path) -> dict[str, Any]:
