@@ -7,7 +7,9 @@ graph computes what was simulated) and then the engine plan TensorRT runs.
 - `RUNTIMES`: what executes an artifact in bench: its runner (bench/runners.RUNNERS has one per
   row), whether it needs a GPU, and the row every speed-up on it is measured against.
 - `ENGINES`: what `export --engine` accepts: the layout rule set (quant/layouts.py), the file it
-  ships, the runtime that file runs on, and the export options only that engine reads.
+  ships, the runtime that file runs on, and the export options only that engine reads. The
+  `openvino` engine ships the `ort` layout's graph with weight zero-point 0 (OpenVINO fuses only
+  those into int8 convolutions) converted to OpenVINO IR, which it reads faster than the ONNX.
 
 Export, bench, report, gate and the CLI help read these; adding a runtime means a row here, its
 layout rules and its runner. No torch here: the CLI and pipeline planning import it cheaply.
@@ -18,7 +20,7 @@ from typing import Literal, get_args
 
 from ssql_deploy.quant.layouts import Layout
 
-Engine = Literal["ort", "trt"]
+Engine = Literal["ort", "trt", "openvino"]
 RuntimeName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
 QDQ_FILE = "model.qdq.onnx"  # every engine's export writes this graph; ort ships it as is
 INPUT_NAME = "input"  # the graph input of every exported model
@@ -30,6 +32,7 @@ class Runtime:
     title: str
     needs_gpu: bool
     baseline: str  # the row of this runtime a speed-up is measured against (same network, float)
+    baseline_bits: str  # the precision of that row
     prefix: str = ""  # before the row name of an ONNX file this runtime runs besides ONNX Runtime (`ov-qdq-ort-w8a8`)
 
 
@@ -57,16 +60,17 @@ class EngineSpec:
 
 
 RUNTIMES: dict[RuntimeName, Runtime] = {
-    "torch": Runtime("torch", "PyTorch (fake-quant simulation)", needs_gpu=False, baseline="torch-fp32"),
-    "onnxruntime": Runtime("onnxruntime", "ONNX Runtime", needs_gpu=False, baseline="onnx-fp32"),
-    "openvino": Runtime("openvino", "OpenVINO", needs_gpu=False, baseline="ov-fp32", prefix="ov-"),
-    "tensorrt": Runtime("tensorrt", "TensorRT", needs_gpu=True, baseline="trt-fp16"),
+    "torch": Runtime("torch", "PyTorch (fake-quant simulation)", needs_gpu=False, baseline="torch-fp32", baseline_bits="fp32"),
+    "onnxruntime": Runtime("onnxruntime", "ONNX Runtime", needs_gpu=False, baseline="onnx-fp32", baseline_bits="fp32"),
+    "openvino": Runtime("openvino", "OpenVINO", needs_gpu=False, baseline="ov-fp32", baseline_bits="fp32", prefix="ov-"),
+    "tensorrt": Runtime("tensorrt", "TensorRT", needs_gpu=True, baseline="trt-fp16", baseline_bits="fp16"),
 }
 # Runtimes `bench --runtime` runs every ONNX file on (each ONNX artifact gets one row per runtime asked for).
 ONNX_RUNTIMES: dict[str, RuntimeName] = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "openvino": "openvino", "ov": "openvino"}
 ENGINES: dict[Engine, EngineSpec] = {
     "ort": EngineSpec("ort", "ONNX Runtime integer kernels", "ort", QDQ_FILE, "onnxruntime", options=("ort_kernel",)),
     "trt": EngineSpec("trt", "TensorRT explicit quantization", "trt", "model.plan", "tensorrt", options=("trt_batches", "build_engine")),
+    "openvino": EngineSpec("openvino", "OpenVINO INT8 IR", "ort", "model.xml", "openvino", options=()),
 }
 assert set(ENGINES) == set(get_args(Engine)) and set(RUNTIMES) == set(get_args(RuntimeName))
 

@@ -102,23 +102,36 @@ def test_the_peer_benchmark_gives_quantize_static_the_ops_and_calibration_ours_g
 def test_openvino_runs_every_onnx_file_beside_onnx_runtime_and_reports_its_int8_convolutions(
     deployed: Path, tmp_path: Path, cli: CliRun
 ) -> None:
+    """`bench --runtime ort,openvino` runs each ONNX file in both; `export --engine openvino` ships an IR whose every
+    convolution OpenVINO runs in int8, benched against the FP32 IR it writes beside the FP32 ONNX."""
     run = tmp_path / "run"
     shutil.copytree(deployed, run)
     assert cli("export", run, "--bits", "w4a4", "--engine", "trt", "--no-build-engine").returncode == 0
     assert cli("export", run, "--bits", "w4a4", "--ort-kernel", "gemm").returncode == 0  # weight zero-point -1
+    convs = sum(1 for n in onnx.load(str(run / "export/w4a4-trt/model.qdq.onnx")).graph.node if n.op_type == "Conv")
+    exported = cli("export", run, "--bits", "w4a4", "--engine", "openvino")
+    assert exported.returncode == 0, exported.stderr
+    assert f"OpenVINO runs {convs} of {convs} convolutions in int8" in exported.stdout
+    manifest = json.loads((run / "export/w4a4-openvino/manifest.json").read_text())
+    assert {"onnx", "ir", "ir_weights"} <= set(manifest["outputs"]) and manifest["metrics"]["weight_zero_point"] == 0
+    assert {"onnx", "ir"} <= set(json.loads((run / "export/fp32/manifest.json").read_text())["outputs"])
     out = tmp_path / "bench"
     result = cli("bench", run, "--runtime", "ort,openvino", "--subset", "256", "--workers", "0", "--batch-sizes", "1", "--out", out)
     assert result.returncode == 0, result.stderr
     rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
-    assert rows["ov-fp32"]["top1"] == rows["onnx-fp32"]["top1"] and rows["ov-fp32"]["agreement"] == 100.0
-    for layout in ("ort", "trt"):  # the same file in both runtimes computes the same model
+    assert rows["ov-fp32"]["top1"] == rows["onnx-fp32"]["top1"] and rows["ov-fp32"]["agreement"] == 100.0  # the FP32 IR
+    for layout in ("ort", "trt", "openvino"):  # the same file in both runtimes computes the same model
         ov, ort_row = rows[f"ov-qdq-{layout}-w4a4"], rows[f"qdq-{layout}-w4a4"]
         assert ov["agreement"] >= 99 and abs(ov["top1"] - ort_row["top1"]) <= 1.0
         assert ov["speedup"]["1"]["baseline"] == "ov-fp32"
-    convs = sum(1 for n in onnx.load(str(run / "export/w4a4-trt/model.qdq.onnx")).graph.node if n.op_type == "Conv")
-    assert rows["ov-qdq-trt-w4a4"]["runtime_detail"].endswith(f"{convs} of {convs} convolutions int8")
+    ir = rows["openvino-w4a4"]
+    assert ir["status"] == "ok" and ir["top1"] == rows["ov-qdq-openvino-w4a4"]["top1"] and ir["speedup"]["1"]["baseline"] == "ov-fp32"
+    for name in ("ov-qdq-trt-w4a4", "ov-qdq-openvino-w4a4", "openvino-w4a4"):
+        assert rows[name]["runtime_detail"].endswith(f"{convs} of {convs} convolutions int8"), name
     assert rows["ov-qdq-ort-w4a4"]["runtime_detail"].endswith(f"0 of {convs} convolutions int8")
     assert any("--ort-kernel symmetric" in note for note in rows["ov-qdq-ort-w4a4"]["notes"])
+    kernel = cli("export", run, "--bits", "w4a4", "--engine", "openvino", "--ort-kernel", "gemm")
+    assert_user_error(kernel, "--ort-kernel applies only to --engine ort")
     bad = cli("bench", run, "--runtime", "tvm", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "unknown runtime 'tvm'" in bad.stderr
     assert_user_error(cli("bench", run, "--runtime", "openvino", "--device", "TPU", "--out", tmp_path / "bad"), "no device 'TPU'", "CPU")

@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ABSENT = ("torch", "torchvision", "onnx", "matplotlib", "scipy")
 
 
-def _board(tmp_path: Path) -> dict[str, str]:
-    """An environment in which importing any training package fails as if it were not installed."""
+def _board(tmp_path: Path, absent: tuple[str, ...] = ABSENT) -> dict[str, str]:
+    """An environment in which importing any of `absent` (by default every training package) fails as if it were not installed."""
     blocker = tmp_path / "absent"
-    for name in ABSENT:
+    for name in absent:
         (blocker / name).mkdir(parents=True)
         (blocker / name / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", name='{name}')\n")
     return {**os.environ, "PYTHONPATH": str(blocker)}
@@ -37,12 +37,13 @@ def board(deployed: Path, tmp_path_factory: pytest.TempPathFactory, cli: CliRun)
     shutil.copytree(deployed, run)
     exported = cli("export", run, "--bits", "w4a4", "--evalset", "--eval-size", "500")
     assert exported.returncode == 0, exported.stderr
+    assert cli("export", run, "--bits", "w4a4", "--engine", "openvino").returncode == 0
     board = tmp_path_factory.mktemp("board")
     shutil.copy(run / "export/w4a4-ort/evalset.npz", board / "evalset.npz")
-    for name in ("fp32", "w4a4-ort"):
+    for name, files in (("fp32", ["model.onnx"]), ("w4a4-ort", ["model.qdq.onnx"]), ("w4a4-openvino", ["model.xml", "model.bin"])):
         (board / name).mkdir()
-        for file in (run / "export" / name).glob("*.onnx"):
-            shutil.copy(file, board / name / file.name)
+        for file in files:
+            shutil.copy(run / "export" / name / file, board / name / file)
     manifest = json.loads((run / "export/w4a4-ort/manifest.json").read_text())
     assert "evalset" in manifest["outputs"]
     return board
@@ -50,12 +51,13 @@ def board(deployed: Path, tmp_path_factory: pytest.TempPathFactory, cli: CliRun)
 
 def test_bench_on_the_board_needs_only_the_runtime(board: Path, tmp_path: Path, deployed: Path, cli: CliRun) -> None:
     env = _board(tmp_path)
-    files = [board / "fp32/model.onnx", board / "w4a4-ort/model.qdq.onnx"]
+    files = [board / "fp32/model.onnx", board / "w4a4-ort/model.qdq.onnx", board / "w4a4-openvino/model.xml"]
     result = _board_cli(env, "bench", *files, "--evalset", board / "evalset.npz", "--runtime", "ort,openvino", "--batch-sizes", "1",
                         "--out", tmp_path / "report")  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = {r["name"]: r for r in json.loads((tmp_path / "report/report.json").read_text())["rows"]}
-    assert set(rows) == {"onnx-fp32", "qdq-ort-w4a4", "ov-fp32", "ov-qdq-ort-w4a4"}
+    assert set(rows) == {"onnx-fp32", "qdq-ort-w4a4", "ov-fp32", "ov-qdq-ort-w4a4", "openvino-w4a4"}
+    assert rows["openvino-w4a4"]["runtime"] == "openvino" and rows["openvino-w4a4"]["speedup"]["1"]["baseline"] == "ov-fp32"
     assert all(r["n_images"] == 500 and r["status"] == "ok" for r in rows.values())
     assert rows["qdq-ort-w4a4"]["speedup"]["1"]["baseline"] == "onnx-fp32" and rows["ov-fp32"]["agreement"] == 100.0
     assert not (tmp_path / "report/report.png").exists()  # no matplotlib on the board: json and md only
@@ -75,3 +77,7 @@ def test_the_board_install_refuses_what_needs_training_packages(board: Path, tmp
     broken = tmp_path / "broken.npz"
     broken.write_text("not an archive")
     assert_user_error(_board_cli(env, "bench", board / "fp32/model.onnx", "--evalset", broken), "is not an evalset")
+    no_openvino = _board(tmp_path / "no_openvino", absent=("openvino",))
+    refused = _board_cli(no_openvino, "export", deployed, "--bits", "w4a4", "--engine", "openvino", "--out", tmp_path / "out")
+    assert_user_error(refused, "needs OpenVINO", "pip install 'ssql-deploy[openvino]'")
+    assert not (tmp_path / "out").exists()

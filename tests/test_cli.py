@@ -21,7 +21,7 @@ NO_DEFAULT = {
     "--max-latency-ms",
     "--min-speedup",
 }
-CHOICES = {"export": {"--engine": "ort|trt", "--ort-kernel": "auto|gemm|symmetric"}, "quantize": {"--calib": "minmax|percentile|mse|entropy"},
+CHOICES = {"export": {"--engine": "ort|trt|openvino", "--ort-kernel": "auto|gemm|symmetric"}, "quantize": {"--calib": "minmax|percentile|mse|entropy"},
            "finetune": {"--mode": "linear|full", "--schedule": "step|cosine", "--stem": "auto|cifar|imagenet"}}  # fmt: skip
 
 

@@ -83,16 +83,18 @@ def _trust(artifact: Artifact) -> Artifact:
 
 
 def _engine_file(path: Path) -> Artifact:
-    """A file an engine built from a QDQ ONNX (a TensorRT plan): described by the ONNX beside it."""
+    """A file an engine built from a QDQ ONNX (a TensorRT plan, an OpenVINO IR): described by the ONNX beside it."""
     engine = next(e for e in ENGINES.values() if e.builds_from_onnx and path.name == e.file)
     onnx_file = path.with_name(QDQ_FILE if path.with_name(QDQ_FILE).is_file() else FP32_FILE)
     props = onnx_props(onnx_file) if onnx_file.is_file() else {}
     sidecar = path.with_name(path.name + ".json")
     notes = [f"flags {json.loads(sidecar.read_text()).get('flags', [])}"] if sidecar.is_file() else []
     meta, bits = _meta_from(props, path), props.get("bits", "unknown")
-    if bits == "fp32":  # the FP16 engine of the FP32 ONNX: the baseline of this runtime
-        base = RUNTIMES[engine.runtime].baseline
-        return _trust(Artifact(base, engine.runtime, "fp16", "engine", path, meta, reference="torch-fp32", notes=notes))
+    if bits == "fp32":  # built from the FP32 ONNX (TensorRT's FP16 plan, OpenVINO's FP32 IR): this runtime's baseline
+        runtime = RUNTIMES[engine.runtime]
+        return _trust(
+            Artifact(runtime.baseline, engine.runtime, runtime.baseline_bits, "engine", path, meta, reference="torch-fp32", notes=notes)
+        )
     label = props.get("variant", bits)
     twin = path.with_name(TWIN_FILE) if path.with_name(TWIN_FILE).is_file() else None
     return _trust(Artifact(engine.row(label), engine.runtime, label, "engine", path, meta, engine=engine.name, twin=twin,
@@ -184,7 +186,9 @@ def discover(paths: list[Path]) -> list[Artifact]:
 
 
 def on_runtimes(artifacts: list[Artifact], runtimes: list[RuntimeName]) -> list[Artifact]:
-    """Each ONNX artifact once per runtime asked for (`bench --runtime ort,openvino`): the same file, its own row."""
+    """Each ONNX artifact once per runtime asked for (`bench --runtime ort,openvino`): the same file, its own row.
+    A runtime's baseline built by an export (OpenVINO's FP32 IR) stands in for the FP32 ONNX run on that runtime."""
+    built = {a.name for a in artifacts}
     rows: list[Artifact] = []
     for artifact in artifacts:
         if artifact.kind != "onnx":
@@ -194,7 +198,8 @@ def on_runtimes(artifacts: list[Artifact], runtimes: list[RuntimeName]) -> list[
             if runtime == artifact.runtime:
                 rows.append(artifact)
             elif artifact.bits == "fp32":
-                rows.append(replace(artifact, name=RUNTIMES[runtime].baseline, runtime=runtime, notes=list(artifact.notes)))
+                if RUNTIMES[runtime].baseline not in built:
+                    rows.append(replace(artifact, name=RUNTIMES[runtime].baseline, runtime=runtime, notes=list(artifact.notes)))
             else:
                 rows.append(replace(artifact, name=RUNTIMES[runtime].prefix + artifact.name, runtime=runtime, notes=list(artifact.notes)))
     return rows

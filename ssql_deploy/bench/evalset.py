@@ -3,9 +3,10 @@
 An engineer evaluating on a Jetson or a Raspberry Pi copies the model and the evaluation images
 to the board and measures there. `export --evalset` writes the test images already preprocessed
 (the model's size and normalisation) with their labels; `bench MODEL.onnx --evalset evalset.npz`
-scores and times each file on each runtime asked for, importing neither torch, torchvision nor
-onnx (`pip install "ssql-deploy[runtime]"`, or `[openvino]`). Rows are named as a full bench
-names them (`onnx-fp32`, `qdq-ort-w4a4`, `ov-qdq-trt-w4a4`), from the export directory's name.
+scores and times each file on each runtime asked for (an OpenVINO IR on OpenVINO), importing
+neither torch, torchvision nor onnx (`pip install "ssql-deploy[runtime]"`, or `[openvino]`). Rows
+are named as a full bench names them (`onnx-fp32`, `qdq-ort-w4a4`, `ov-qdq-trt-w4a4`,
+`openvino-w4a4`), from the export directory's name.
 """
 
 import json
@@ -27,6 +28,7 @@ from ssql_deploy.run_layout import FP32_FILE, ExportKey
 from ssql_deploy.runtimes import ENGINES, QDQ_FILE, RUNTIMES, RuntimeName
 
 EVALSET_FILE = "evalset.npz"
+IR_SUFFIX = Path(ENGINES["openvino"].file).suffix  # an OpenVINO export's IR, benched on OpenVINO alone
 
 
 def write_evalset(path: Path, images: np.ndarray, labels: np.ndarray, about: dict[str, Any]) -> None:
@@ -50,12 +52,13 @@ def load_evalset(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     return images, labels, about
 
 
-def _onnx_files(paths: list[Path]) -> list[Path]:
+def _model_files(paths: list[Path]) -> list[Path]:
     files = []
     for path in paths:
         found = [path] if path.is_file() else [p for p in (path / QDQ_FILE, path / FP32_FILE) if p.is_file()]
-        if not found or found[0].suffix != ".onnx":
-            raise UserError(f"{path} is not an ONNX model or an export directory holding one", "with --evalset, pass .onnx files")
+        if not found or found[0].suffix not in (".onnx", IR_SUFFIX):
+            raise UserError(f"{path} is not an ONNX model or an export directory holding one",
+                            "with --evalset, pass .onnx files (or the .xml of an OpenVINO export)")  # fmt: skip
         files += found
     return files
 
@@ -65,6 +68,8 @@ def _row_name(path: Path, runtime: RuntimeName) -> tuple[str, str, str | None]:
     key = ExportKey.parse(path.parent.name)
     if key is None and path.name != QDQ_FILE:
         return RUNTIMES[runtime].baseline, "fp32", None
+    if key is not None and path.suffix == IR_SUFFIX:
+        return ENGINES[key.engine].row(key.variant), key.variant, key.engine
     row = ENGINES[key.engine].onnx_row(key.variant) if key is not None else f"qdq-{path.parent.name}"
     return RUNTIMES[runtime].prefix + row, key.variant if key else path.parent.name, key.engine if key else None
 
@@ -77,9 +82,11 @@ def run_evalset_bench(recipe: BenchRecipe) -> dict[str, Any]:
     threads = recipe.threads or os.cpu_count() or 1
     rows: dict[str, Row] = {}
     runners: dict[str, Any] = {}
-    for path in _onnx_files(recipe.artifacts):
-        for runtime in recipe.runtimes:
+    for path in _model_files(recipe.artifacts):
+        for runtime in ["openvino"] if path.suffix == IR_SUFFIX else recipe.runtimes:  # an IR runs on OpenVINO only
             name, bits, engine = _row_name(path, runtime)  # type: ignore[arg-type]
+            if name in rows:
+                raise UserError(f"two of the files given would both be the row {name}", "pass the FP32 model once, as .onnx or as .xml")
             rows[name] = Row(name=name, runtime=runtime, bits=bits, engine=engine, status="ok", top1=None, latency={},
                              size_bytes=path.stat().st_size)  # fmt: skip
             try:

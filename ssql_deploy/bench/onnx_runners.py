@@ -50,10 +50,11 @@ class OrtRunner:
 
 
 class OpenVinoRunner:
-    """An ONNX file (or OpenVINO IR) compiled by OpenVINO for `device`; on the CPU with FP32 inference precision so
-    the FP32 row is FP32 (on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float layers in bf16)."""
+    """An ONNX file (or OpenVINO IR, or an ONNX graph in memory: the export's check) compiled by OpenVINO for
+    `device`; on the CPU with FP32 inference precision so the FP32 row is FP32 (on CPUs with AMX or AVX512-BF16
+    OpenVINO would otherwise run float layers in bf16)."""
 
-    def __init__(self, path: Path, threads: int, device: str = "CPU") -> None:
+    def __init__(self, model: Path | bytes, threads: int, device: str = "CPU") -> None:
         try:
             import openvino as ov
         except ImportError:
@@ -64,10 +65,11 @@ class OpenVinoRunner:
         # other devices keep their own defaults (a GPU's f16, an NPU's own precision): what deploying there gets
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), device, config)
+            self.compiled = core.compile_model(core.read_model(model if isinstance(model, bytes) else str(model)), device, config)
         except RuntimeError as exc:
             said = (str(exc).strip().splitlines() or ["unknown error"])[0]
-            raise UserError(f"OpenVINO {ov.__version__} cannot compile {path}: {said}", "re-export it with `ssql-deploy export`") from None
+            what = model if isinstance(model, Path) else "the graph"
+            raise UserError(f"OpenVINO {ov.__version__} cannot compile {what}: {said}", "re-export it with `ssql-deploy export`") from None
         self.request = self.compiled.create_infer_request()
         convs = openvino_conv_precisions(self.compiled)
         self.int8_convs, self.convs = convs.get("i8", 0) + convs.get("u8", 0), sum(convs.values())

@@ -30,8 +30,8 @@ from ssql_deploy.recipe import BenchRecipe
 from ssql_deploy.run import versions
 
 OPENVINO_FLOAT_NOTE = ("OpenVINO ran none of this graph's convolutions in int8: it fuses weights with zero-point 0 into int8 "
-                       "convolutions, not the weight zero-point -1 of ONNX Runtime's QGEMM path; export with --ort-kernel symmetric "
-                       "(or --engine trt) and bench that QDQ ONNX with --runtime openvino")  # fmt: skip
+                       "convolutions, not the weight zero-point -1 of ONNX Runtime's QGEMM path; export with --engine openvino "
+                       "(or --ort-kernel symmetric) for OpenVINO")  # fmt: skip
 
 
 def _cpu_name() -> str:

@@ -136,7 +136,7 @@ def export_cmd(
     lsq: Annotated[bool | None, recipe_option(E, "lsq", "Export the LSQ-trained model of those bits rather than the PTQ one.",
                                               "--lsq/--ptq", default="ptq")] = None,
     engine: Annotated[Engine | None, recipe_option(E, "engine", engine_help())] = None,
-    ort_kernel: Annotated[OrtKernel | None, recipe_option(E, "ort_kernel", "auto (by the CPU), gemm (QGEMM/AMX path) or symmetric (VNNI conv path).")] = None,
+    ort_kernel: Annotated[OrtKernel | None, recipe_option(E, "ort_kernel", "auto (time both here, keep the faster), gemm (QGEMM/AMX path) or symmetric (VNNI conv path).")] = None,
     trt_batches: Annotated[str | None, recipe_option(E, "trt_batches", "TensorRT profile batches MIN,OPT,MAX.")] = None,
     build_engine: Annotated[bool | None, recipe_option(E, "build_engine", "Build the TensorRT plans when TensorRT and a GPU are present.",
                                                        "--build-engine/--no-build-engine")] = None,
@@ -148,7 +148,7 @@ def export_cmd(
     out: Annotated[Path | None, recipe_option(E, "out", "Run directory to write RUN/export/ into.", default="the source run directory")] = None,
     recipe: RecipeOpt = None,
 ) -> None:  # fmt: skip
-    """Export QDQ ONNX for ONNX Runtime or TensorRT, check it, and verify it against PyTorch."""
+    """Export QDQ ONNX for ONNX Runtime, TensorRT or OpenVINO, check it, and verify it against PyTorch."""
     settings = ExportRecipe.build(recipe, source=source, bits=bits, lsq=lsq, engine=engine, ort_kernel=ort_kernel,
                                   trt_batches=int_list(trt_batches, "--trt-batches", "1,8,32"), build_engine=build_engine, evalset=evalset, eval_size=eval_size,
                                   data_root=data_root, threads=threads, out=out)  # fmt: skip
@@ -169,6 +169,8 @@ def export_cmd(
         results.print(f"ONNX Runtime runs {k['integer_convs']} of {k['convs']} convolutions as integer kernels")
         for op, info in k["float_ops"].items():
             results.print(f"  float in ONNX Runtime: {info['count']} {op}: {info['why']}", highlight=False)
+    if "openvino_int8_convs" in metrics.check:
+        results.print(f"OpenVINO runs {metrics.check['openvino_int8_convs']} of {metrics.check['convs']} convolutions in int8")
     size = metrics.weight_storage
     if size is not None:
         results.print(f"weights: ONNX file {size['onnx_file_bytes'] / 1e6:.3f} MB (quantized conv weights as int8: "

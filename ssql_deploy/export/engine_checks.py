@@ -3,7 +3,8 @@
 `ort`: ONNX Runtime's optimized graph is read back: how many convolutions became integer kernels,
 and which ops stay float and why (a float conv is noted, never silent). `trt`: TensorRT's
 explicit-quantization rules, checked statically (trt_rules.py), since the GPU that would reject
-the graph is not here; a broken rule fails the export.
+the graph is not here; a broken rule fails the export. `openvino`: OpenVINO compiles the graph for
+the CPU and its runtime information says how many convolutions execute in int8.
 """
 
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import onnx
 
+from ssql_deploy.bench.onnx_runners import OpenVinoRunner
 from ssql_deploy.export.ort_session import integer_conv_report
 from ssql_deploy.export.trt_rules import check_trt_qdq
 from ssql_deploy.runtimes import ENGINES, Engine
@@ -24,7 +26,7 @@ class EngineCheck:
     notes: list[str] = field(default_factory=list)
 
 
-def _ort(model: onnx.ModelProto) -> EngineCheck:
+def _ort(model: onnx.ModelProto, _threads: int) -> EngineCheck:
     report = integer_conv_report(model)
     notes = []
     if report["float_convs"]:
@@ -32,10 +34,18 @@ def _ort(model: onnx.ModelProto) -> EngineCheck:
     return EngineCheck(report, notes=notes)
 
 
-def _trt(model: onnx.ModelProto) -> EngineCheck:
+def _trt(model: onnx.ModelProto, _threads: int) -> EngineCheck:
     violations = [str(v) for v in check_trt_qdq(model)]
     return EngineCheck({"trt_rule_violations": violations}, problems=[f"TensorRT rule {v}" for v in violations[:1]])
 
 
-CHECKS: dict[Engine, Callable[[onnx.ModelProto], EngineCheck]] = {"ort": _ort, "trt": _trt}
+def _openvino(model: onnx.ModelProto, threads: int) -> EngineCheck:
+    runner = OpenVinoRunner(model.SerializeToString(), threads)
+    notes = []
+    if runner.int8_convs < runner.convs:
+        notes.append(f"{runner.convs - runner.int8_convs} of {runner.convs} convolutions stay float in OpenVINO")
+    return EngineCheck({"openvino_int8_convs": runner.int8_convs, "convs": runner.convs, "openvino": runner.detail}, notes=notes)
+
+
+CHECKS: dict[Engine, Callable[[onnx.ModelProto, int], EngineCheck]] = {"ort": _ort, "trt": _trt, "openvino": _openvino}
 assert set(CHECKS) == set(ENGINES)

@@ -9,6 +9,7 @@ must not ship.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ssql_deploy.errors import CheckFailed
 from ssql_deploy.export.engine_checks import CHECKS
 from ssql_deploy.export.kernel_choice import ZERO_POINTS, KernelChoice, choose_kernel
 from ssql_deploy.export.onnx_graph import INPUT_NAME, build_onnx
+from ssql_deploy.export.openvino_ir import ovc_command, require_openvino, save_ir
 from ssql_deploy.export.parity import check_parity
 from ssql_deploy.export.storage import weight_storage
 from ssql_deploy.export.tensorrt_engine import build_engine, tensorrt_status, trtexec_command
@@ -130,21 +132,27 @@ def _write_evalset(out_dir: Path, source: DataSource, size: int | None) -> Path:
 def _build_graph(
     gm: torch.fx.GraphModule, chw: tuple[int, int, int], recipe: ExportRecipe, props: dict[str, str]
 ) -> tuple[onnx.ModelProto, int, KernelChoice | None]:
-    """The QDQ graph with the weight zero-point the kernel asks for; `auto` times both where the layout has both."""
+    """The QDQ graph with the weight zero-point the kernel asks for; `auto` times both ONNX Runtime kernels.
+
+    Engines without the ORT kernel option (trt, openvino) take weight zero-point 0: the only one
+    TensorRT accepts and the only one OpenVINO fuses into int8 convolutions.
+    """
     layout = ENGINES[recipe.engine].layout
-    allowed = LAYOUTS[layout].weight_zero_points
-    if recipe.ort_kernel == "auto" and len(allowed) > 1:
-        graphs = {zp: build_onnx(gm, chw, layout, props, weight_zero_point=zp) for zp in allowed}
+    if "ort_kernel" not in ENGINES[recipe.engine].options:
+        return build_onnx(gm, chw, layout, props, weight_zero_point=0), 0, None
+    if recipe.ort_kernel == "auto":
+        graphs = {zp: build_onnx(gm, chw, layout, props, weight_zero_point=zp) for zp in LAYOUTS[layout].weight_zero_points}
         choice = choose_kernel(graphs, chw[-1], recipe.threads or torch.get_num_threads())
         return graphs[choice.weight_zero_point], choice.weight_zero_point, choice
-    wanted = ZERO_POINTS.get(recipe.ort_kernel, 0)  # a layout with one weight zero-point (trt) takes no kernel choice
-    zero_point = wanted if wanted in allowed else 0
+    zero_point = ZERO_POINTS[recipe.ort_kernel]
     return build_onnx(gm, chw, layout, props, weight_zero_point=zero_point), zero_point, None
 
 
 def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     """Export, check and commit one quantized model for one engine; returns the metrics and the QDQ ONNX path."""
     engine = ENGINES[recipe.engine]
+    if engine.runtime == "openvino":
+        require_openvino()
     qpath = find_quantized(recipe.source, recipe.bits, recipe.lsq)
     loaded = load_quantized(qpath, layout=engine.layout)
     gm, meta, saved, missing = loaded.gm, loaded.meta, loaded.saved, loaded.uncalibrated
@@ -161,7 +169,7 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
 
     props = model_props(meta, bits=label, variant=label, engine=engine.name, calibrator=cal["calibrator"])
     model, zero_point, kernel_choice = _build_graph(gm, chw, recipe, props)
-    check = CHECKS[engine.name](model)
+    check = CHECKS[engine.name](model, recipe.threads or torch.get_num_threads())
     parity = check_parity(gm, model, batches, recipe.threads)
     problems = check.problems + parity["problems"]
 
@@ -174,7 +182,7 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     outputs = {"onnx": onnx_path, "twin": twin_path}
     if recipe.evalset:
         outputs["evalset"] = _write_evalset(out_dir, source, recipe.eval_size)
-    build = _build_tensorrt(onnx_path, fp32_path, out_dir, chw, recipe, outputs) if engine.builds_from_onnx and not problems else None
+    build = BUILDERS[engine.name](onnx_path, fp32_path, out_dir, chw, recipe, outputs) if engine.builds_from_onnx and not problems else None
     metrics = ExportMetrics(variant=label, engine=engine.name, status="failed: " + problems[0] if problems else "ok",
                             notes=_numerics_notes(gm) + check.notes, newly_calibrated_points=sorted(missing),
                             weight_zero_point=zero_point, kernel_choice=kernel_choice, check=check.report, parity=parity, engine_build=build,
@@ -205,7 +213,34 @@ def _build_tensorrt(
     sidecar = build_engine(onnx_path, out_dir / plan_file, INPUT_NAME, chw, (low, opt, high))
     outputs["plan"] = out_dir / plan_file
     fp16 = build_engine(fp32_path, fp16_plan, INPUT_NAME, chw, (low, opt, high), int8=False)
-    fp32_manifest = read_manifest(fp32_path.parent)
-    write_manifest(fp32_path.parent, STAGE, {}, fp32_manifest.settings if fp32_manifest else {}, {"status": "ok", "fp16_plan": fp16},
-                   {"onnx": fp32_path, "plan": fp16_plan})  # fmt: skip
+    _commit_beside_fp32(fp32_path, {"plan": fp16_plan}, {"fp16_plan": fp16})
     return EngineBuild(built=True, build_with=command, build_with_strongly_typed=typed, sidecar=sidecar, fp16_baseline=fp16)
+
+
+def _build_openvino(
+    onnx_path: Path, fp32_path: Path, out_dir: Path, _chw: tuple[int, int, int], _recipe: ExportRecipe, outputs: dict[str, Path]
+) -> EngineBuild:
+    """The OpenVINO IR of the QDQ ONNX and, beside the FP32 ONNX, of its baseline: the same graphs, which OpenVINO
+    runs as fast as the ONNX but reads and compiles in about two thirds of the time (`benchmarks/results/peers_32.json`)."""
+    ir = out_dir / ENGINES["openvino"].file
+    outputs |= save_ir(onnx_path, ir)
+    fp32_ir = fp32_path.with_name(ir.name)
+    if unverified_reason(fp32_ir) is not None:
+        _commit_beside_fp32(fp32_path, save_ir(fp32_path, fp32_ir), {})
+    return EngineBuild(built=True, build_with=ovc_command(onnx_path, ir))
+
+
+BUILDERS: dict[Engine, Callable[[Path, Path, Path, tuple[int, int, int], ExportRecipe, dict[str, Path]], EngineBuild]] = {
+    "trt": _build_tensorrt,
+    "openvino": _build_openvino,
+}
+assert set(BUILDERS) == {e.name for e in ENGINES.values() if e.builds_from_onnx}
+
+
+def _commit_beside_fp32(fp32_path: Path, outputs: dict[str, Path], metrics: dict[str, Any]) -> None:
+    """Commit an engine's baseline built from the FP32 ONNX, keeping what other engines committed beside it."""
+    manifest = read_manifest(fp32_path.parent)
+    kept = {} if manifest is None else {k: fp32_path.with_name(Path(r.path).name) for k, r in manifest.outputs.items()}
+    kept = {k: path for k, path in kept.items() if unverified_reason(path) is None}
+    write_manifest(fp32_path.parent, STAGE, {}, manifest.settings if manifest else {},
+                   {**(manifest.metrics if manifest else {}), "status": "ok", **metrics}, {**kept, "onnx": fp32_path, **outputs})  # fmt: skip
