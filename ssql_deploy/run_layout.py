@@ -3,7 +3,8 @@
     RUN/pretrain/                  last.pt, backbone.pt (a plain state dict), metrics.jsonl, manifest.json
     RUN/finetune/                  last.pt, best.pt, metrics.jsonl, manifest.json
     RUN/quant/<variant>/           quantized.pt, config.json (its QuantConfig; LSQ: also last.pt, best.pt), manifest.json
-    RUN/export/fp32/               model.onnx (the FP32 baseline; + model.plan, its FP16 TensorRT engine), manifest.json
+    RUN/export/fp32/               model.onnx (the FP32 baseline; + model.plan, its FP16 TensorRT engine, and
+                                   model.fp16.onnx it is built from on TensorRT 11; + model.xml/.bin, its OpenVINO IR), manifest.json
     RUN/export/<variant>-<engine>/ model.qdq.onnx, twin.pt, parity.json (+ the engine's own file), manifest.json
     RUN/bench/                     report.json, report.md, report.png
     RUN/analyze/                   sensitivity.json, sensitivity.png, manifest.json
@@ -21,6 +22,7 @@ from ssql_deploy.runtimes import ENGINES, Engine
 
 BEST, LAST, BACKBONE = "best.pt", "last.pt", "backbone.pt"
 QUANT_FILE, FP32_FILE, TWIN_FILE, PARITY_FILE = "quantized.pt", "model.onnx", "twin.pt", "parity.json"
+FP16_FILE = "model.fp16.onnx"  # the FP32 ONNX in float16: TensorRT 11's FP16 baseline
 CONFIG_FILE = "config.json"
 
 

@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
+import torch
+
+from ssql_deploy.bench.onnx_runners import OrtRunner
 from ssql_deploy.export.tensorrt_engine import tensorrt_status, trtexec_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +33,11 @@ def test_engine_paths_say_why_no_engine_is_built_here_and_how_to_build_it(tmp_pa
     assert command.startswith("trtexec --onnx=") and "--minShapes=input:1x3x32x32" in command and "--maxShapes=input:32x3x32x32" in command
 
 
-def test_a_trt_export_records_the_trtexec_line_for_tensorrt_10_and_11(deployed: Path, tmp_path: Path, cli) -> None:
+def test_a_trt_export_records_the_trtexec_line_for_tensorrt_10_and_11(
+    deployed: Path, tmp_path: Path, cli, fmnist_batch: torch.Tensor
+) -> None:
+    """Both TensorRT versions get their lines; TensorRT 11's FP16 baseline is built from a float16 graph that computes
+    what the FP32 ONNX computes, to float16 precision (a strongly typed build of the FP32 ONNX would be an FP32 engine)."""
     out = tmp_path / "run"
     result = cli("export", deployed, "--bits", "w4a4", "--engine", "trt", "--out", out)
     assert result.returncode == 0, result.stderr
@@ -36,3 +45,13 @@ def test_a_trt_export_records_the_trtexec_line_for_tensorrt_10_and_11(deployed: 
     assert not build["built"] and "--int8 --fp16" in build["build_with"]
     assert "--stronglyTyped" in build["build_with_strongly_typed"] and "--int8" not in build["build_with_strongly_typed"]
     assert "TensorRT 11" in result.stdout
+    fp32 = out / "export/fp32"
+    typed_fp16 = build["fp16_baseline_build_with_strongly_typed"]
+    assert f"--onnx={fp32 / 'model.fp16.onnx'}" in typed_fp16 and "--stronglyTyped" in typed_fp16 and "--fp16" not in typed_fp16
+    assert "fp16_onnx" in json.loads((fp32 / "manifest.json").read_text())["outputs"]
+    half = onnx.load(str(fp32 / "model.fp16.onnx"))
+    assert {t.data_type for t in half.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert [i.type.tensor_type.elem_type for i in (*half.graph.input, *half.graph.output)] == [onnx.TensorProto.FLOAT] * 2
+    images = fmnist_batch.numpy()
+    full, reduced = (OrtRunner(fp32 / name, 1).predict(images) for name in ("model.onnx", "model.fp16.onnx"))
+    assert np.abs(full - reduced).max() < 0.02 * np.abs(full).max() and (full.argmax(1) == reduced.argmax(1)).mean() >= 0.98

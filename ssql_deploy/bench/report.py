@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -103,7 +104,7 @@ def plot(report: Report, path: Path) -> bool:
     except ImportError:
         return False
     rows = [r for r in report.rows if r.top1 is not None]
-    fig, (acc_ax, lat_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (acc_ax, lat_ax, trade_ax) = plt.subplots(1, 3, figsize=(19, 4.8))
     order = sorted({r.bits for r in rows}, key=bits_order, reverse=True)
     lines = list(dict.fromkeys(line for r in rows if r.bits != "fp32" for line in _series(r)))
     for label, marker in zip(lines, "osD^vP*X", strict=False):
@@ -126,10 +127,30 @@ def plot(report: Report, path: Path) -> bool:
     lat_ax.set_title(f"latency per runtime ({report.env.threads} threads)")
     lat_ax.grid(alpha=0.3, axis="y")
     lat_ax.legend()
+    _tradeoff(trade_ax, rows, batches[0] if batches else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _tradeoff(ax: Any, rows: list[Row], batch: str | None) -> None:
+    """Latency against top-1 for every artifact on every runtime: what each choice costs and buys, at one batch size."""
+    for runtime, marker in zip(dict.fromkeys(r.runtime for r in rows), "osD^vP*X", strict=False):
+        points = [(r.latency[batch].p50_ms, r.top1, r.name) for r in rows if r.runtime == runtime and batch in r.latency]
+        if not points:
+            continue
+        known = RUNTIMES.get(runtime)  # type: ignore[call-overload]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=known.title if known else runtime)
+        for latency, top1, name in points:
+            ax.annotate(name, (latency, top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency at batch {batch}, ms (log)")
+    ax.set_ylabel("top-1 %")
+    ax.set_title("latency against accuracy, every artifact and runtime")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
 
 
 def write_reports(report: Report, out: Path) -> dict[str, Path]:

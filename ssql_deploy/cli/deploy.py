@@ -184,6 +184,8 @@ def export_cmd(
         results.print(
             f"{runtime} engine not built here: {build.reason}\nbuild it on the GPU machine with (TensorRT 10):\n  {build.build_with}"
             f"\nor (TensorRT 11, strongly typed):\n  {build.build_with_strongly_typed}"
+            f"\nand the FP16 engine it is compared with:\n  {build.fp16_baseline_build_with}\nor (TensorRT 11):\n  "
+            f"{build.fp16_baseline_build_with_strongly_typed}"
         )
     for note in metrics.notes:
         results.print(f"note: {note}")

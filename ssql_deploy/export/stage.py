@@ -22,6 +22,7 @@ from ssql_deploy.bench.evalset import EVALSET_FILE, write_evalset
 from ssql_deploy.data import DataSource
 from ssql_deploy.errors import CheckFailed
 from ssql_deploy.export.engine_checks import CHECKS
+from ssql_deploy.export.fp16_cast import cast_to_fp16
 from ssql_deploy.export.kernel_choice import ZERO_POINTS, KernelChoice, choose_kernel
 from ssql_deploy.export.onnx_graph import INPUT_NAME, build_onnx
 from ssql_deploy.export.openvino_ir import ovc_command, require_openvino, save_ir
@@ -38,7 +39,7 @@ from ssql_deploy.quant.layouts import LAYOUTS
 from ssql_deploy.quant.placement import ActPoint, trace
 from ssql_deploy.recipe import ExportRecipe
 from ssql_deploy.run import atomic_open, write_text_atomic
-from ssql_deploy.run_layout import FP32_FILE, PARITY_FILE, TWIN_FILE, ExportKey, RunLayout
+from ssql_deploy.run_layout import FP16_FILE, FP32_FILE, PARITY_FILE, TWIN_FILE, ExportKey, RunLayout
 from ssql_deploy.runtimes import ENGINES, QDQ_FILE, Engine
 
 STAGE = "export"
@@ -53,6 +54,7 @@ class EngineBuild(BaseModel):
     build_with: str  # TensorRT 10
     build_with_strongly_typed: str | None = None  # TensorRT 11, which has no precision flags
     fp16_baseline_build_with: str | None = None
+    fp16_baseline_build_with_strongly_typed: str | None = None  # from the float16 copy of the FP32 ONNX (fp16_cast.py)
     sidecar: dict[str, Any] | None = None
     fp16_baseline: dict[str, Any] | None = None
 
@@ -197,24 +199,32 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
 def _build_tensorrt(
     onnx_path: Path, fp32_path: Path, out_dir: Path, chw: tuple[int, int, int], recipe: ExportRecipe, outputs: dict[str, Path]
 ) -> EngineBuild:
-    """Build the INT8 plan and, beside the FP32 ONNX, the FP16 plan it is compared with (same GPU, same profile)."""
+    """Build the INT8 plan and, beside the FP32 ONNX, the FP16 plan it is compared with (same GPU, same profile).
+
+    The FP32 ONNX's float16 copy is written beside it for TensorRT 11, whose strongly typed FP16
+    baseline must come from a float16 graph (fp16_cast.py); TensorRT 10 builds it from the FP32 ONNX.
+    """
     plan_file = ENGINES["trt"].file
     low, opt, high = recipe.trt_batches
     command = trtexec_command(onnx_path, out_dir / plan_file, INPUT_NAME, chw, low, opt, high)
     typed = trtexec_command(onnx_path, out_dir / plan_file, INPUT_NAME, chw, low, opt, high, strongly_typed=True)
-    fp16_plan = fp32_path.with_name(plan_file)
+    fp16_plan, fp16_onnx = fp32_path.with_name(plan_file), fp32_path.with_name(FP16_FILE)
+    if unverified_reason(fp16_onnx) is not None:
+        save_onnx(cast_to_fp16(onnx.load(str(fp32_path))), fp16_onnx)
+        _commit_beside_fp32(fp32_path, {"fp16_onnx": fp16_onnx}, {})
     fp16_command = trtexec_command(fp32_path, fp16_plan, INPUT_NAME, chw, low, opt, high, int8=False)
+    fp16_typed = trtexec_command(fp16_onnx, fp16_plan, INPUT_NAME, chw, low, opt, high, int8=False, strongly_typed=True)
+    lines = {"build_with": command, "build_with_strongly_typed": typed, "fp16_baseline_build_with": fp16_command,
+             "fp16_baseline_build_with_strongly_typed": fp16_typed}  # fmt: skip
     available, reason = tensorrt_status()
     if not (available and recipe.build_engine):
         why = reason if not available else "engine build disabled (--no-build-engine)"
-        return EngineBuild(
-            built=False, reason=why, build_with=command, build_with_strongly_typed=typed, fp16_baseline_build_with=fp16_command
-        )
+        return EngineBuild(built=False, reason=why, **lines)
     sidecar = build_engine(onnx_path, out_dir / plan_file, INPUT_NAME, chw, (low, opt, high))
     outputs["plan"] = out_dir / plan_file
-    fp16 = build_engine(fp32_path, fp16_plan, INPUT_NAME, chw, (low, opt, high), int8=False)
+    fp16 = build_engine(fp16_onnx if sidecar["strongly_typed"] else fp32_path, fp16_plan, INPUT_NAME, chw, (low, opt, high), int8=False)
     _commit_beside_fp32(fp32_path, {"plan": fp16_plan}, {"fp16_plan": fp16})
-    return EngineBuild(built=True, build_with=command, build_with_strongly_typed=typed, sidecar=sidecar, fp16_baseline=fp16)
+    return EngineBuild(built=True, sidecar=sidecar, fp16_baseline=fp16, **lines)
 
 
 def _build_openvino(

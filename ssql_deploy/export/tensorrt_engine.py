@@ -151,6 +151,7 @@ def build_engine(
         "outputs": outputs,
         "profile": {input_name: shapes},
         "flags": flags,
+        "strongly_typed": strongly_typed,
         "workspace_gib": workspace_gib,
         "plan_bytes": plan_file.stat().st_size,
     }
