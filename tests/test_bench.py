@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import CliRun, assert_user_error
 
+from ssql_deploy.bench.artifacts import from_file
 from ssql_deploy.bench.schema import Row, baseline_name
 from ssql_deploy.bench.timing import ROUND_WARMUP, interleaved, paired_speedup
 from ssql_deploy.export.ort_session import optimized_op_counts
@@ -132,6 +133,9 @@ def test_openvino_runs_every_onnx_file_beside_onnx_runtime_and_reports_its_int8_
     assert any("--ort-kernel symmetric" in note for note in rows["ov-qdq-ort-w4a4"]["notes"])
     kernel = cli("export", run, "--bits", "w4a4", "--engine", "openvino", "--ort-kernel", "gemm")
     assert_user_error(kernel, "--ort-kernel applies only to --engine ort")
+    weights = run / "export/w4a4-openvino/model.bin"  # the IR's other half, changed after its manifest
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert from_file(weights.with_suffix(".xml")).status.startswith("unverified: model.bin: it changed after")
     bad = cli("bench", run, "--runtime", "tvm", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "unknown runtime 'tvm'" in bad.stderr
     assert_user_error(cli("bench", run, "--runtime", "openvino", "--device", "TPU", "--out", tmp_path / "bad"), "no device 'TPU'", "CPU")

@@ -72,9 +72,15 @@ def _meta_from(props: dict[str, str], path: Path) -> ModelMeta:
         ) from None
 
 
+def _unverified(path: Path) -> str | None:
+    """Why a file is not a committed output; an OpenVINO IR is two files, and both must be."""
+    halves = (path, path.with_suffix(".bin")) if path.suffix == ".xml" else (path,)
+    return next((f"{half.name}: {reason}" if half != path else reason for half in halves if (reason := unverified_reason(half))), None)
+
+
 def _trust(artifact: Artifact) -> Artifact:
     """Mark an artifact whose file its stage did not commit; one already marked (a failed check) keeps its status."""
-    if artifact.path is not None and artifact.status == "ok" and (reason := unverified_reason(artifact.path)) is not None:
+    if artifact.path is not None and artifact.status == "ok" and (reason := _unverified(artifact.path)) is not None:
         artifact.status = f"unverified: {reason}"
     if artifact.twin is not None and unverified_reason(artifact.twin) is not None:
         artifact.notes.append(f"no agreement: its PyTorch twin {artifact.twin.name} is not a committed output of the export")

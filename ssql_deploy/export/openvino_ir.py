@@ -2,8 +2,8 @@
 
 The IR is the ONNX graph as OpenVINO's own converter reads it, weights kept in float32 (the
 converter's default would halve the float scales and biases to fp16), so it computes what the
-QDQ ONNX computes. It is written into a scratch directory and moved into place, `.bin` before
-`.xml`, so an interrupted export never leaves an IR whose two halves disagree.
+QDQ ONNX computes. It is written into a scratch directory and moved into place; the manifest
+lists both halves with their hashes, and bench trusts an IR only when both match.
 """
 
 import os
