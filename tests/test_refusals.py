@@ -83,7 +83,7 @@ CASES = [  # (id, argv with {placeholders}, what the error line must name)
     ("pretrain-resume-proj", ["pretrain", "--out", "{pre}", "--resume", "--proj-dim", "48"], ["--proj-dim", "32", "48"]),
     ("ptq-resume", ["quantize", "{run}", "--resume"], ["--resume", "--lsq"]),
     ("bits-outside", ["quantize", "{run}", "--bits", "w9a4"], ["weight bits 9", "2..8"]),
-    ("engine-choice", ["export", "{run}", "--engine", "openvino"], ["openvino", "ort", "trt"]),
+    ("engine-choice", ["export", "{run}", "--engine", "tflite"], ["tflite", "ort", "trt", "openvino"]),
 ]  # fmt: skip
 
 
