@@ -30,6 +30,22 @@ def ort_top1(path: Path, threads: int = 2) -> float:
     return top1(OrtRunner(path, threads, "CPUExecutionProvider"))
 
 
+EVIDENCE = ROOT / "runs/evidence"
+
+
+def finetuned_evidence(method: str, log: Path) -> Path:
+    """The run of benchmarks/ssql_vs_simsiam.py's `method` backbone (quarter-width ResNet-18), fully fine-tuned on all of
+    Fashion-MNIST (2 epochs, lr 0.05 cosine) unless that is done already; an interrupted fine-tune resumes."""
+    run = EVIDENCE / method
+    if not (run / "pretrain/backbone.pt").is_file():
+        raise SystemExit(f"{run} has no pretrained backbone: run benchmarks/ssql_vs_simsiam.py first")
+    if not (run / "finetune/manifest.json").is_file():
+        run_logged(log, "finetune", "--ckpt", run, "--arch", "resnet18_quarter", "--mode", "full", "--epochs", "2", "--lr", "0.05",
+                   "--schedule", "cosine", "--batch-size", "128", "--workers", "1", "--out", run,
+                   *(["--resume"] if (run / "finetune/last.pt").is_file() else []))  # fmt: skip
+    return run
+
+
 def run_logged(log: Path, *args: str | Path) -> float:
     """`ssql-deploy ARGS` in the repository root, its output appended to `log`; returns its wall time in seconds."""
     cmd = [sys.executable, "-m", "ssql_deploy", *map(str, args)]

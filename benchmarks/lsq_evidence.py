@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import ort_top1, run_logged  # noqa: E402
+from evidence import EVIDENCE as RUNS  # noqa: E402
+from evidence import finetuned_evidence, ort_top1, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
-RUNS = ROOT / "runs/evidence"
 LOG = RESULTS / "lsq_evidence.log"
 BITS = ["w4a4", "w3a3", "w2a4"]
 CALIBRATORS = ["minmax", "percentile", "mse", "entropy"]
@@ -60,12 +60,7 @@ def main() -> None:
         "methods": {},
     }
     for method in ("simsiam", "ssql"):
-        run = RUNS / method
-        if not (run / "pretrain/backbone.pt").is_file():
-            raise SystemExit(f"{run} has no pretrained backbone: run benchmarks/ssql_vs_simsiam.py first")
-        if not (run / "finetune/manifest.json").is_file():
-            cli("finetune", "--ckpt", run, "--arch", "resnet18_quarter", "--mode", "full", "--epochs", "2", "--lr", "0.05",
-                "--schedule", "cosine", "--batch-size", "128", "--workers", "1", "--out", run, *(["--resume"] if (run / "finetune/last.pt").is_file() else []))  # fmt: skip
+        run = finetuned_evidence(method, LOG)
         rows: dict = {}
         for bits in BITS:
             ptq = {}

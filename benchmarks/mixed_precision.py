@@ -9,9 +9,15 @@ ResNet-18, 32x32, trained from random init on all 60,000 Fashion-MNIST training 
 - `--max-drop 0.5` from w4a4: reached or not, layers given back, each step's latency;
 - analysis and planning cost in seconds.
 
-    .venv/bin/python benchmarks/mixed_precision.py     # needs runs/families/<arch> (families_int8.py --train-only)
+With `--pretrained`, the same for the SimSiam- and the SSQL-pretrained quarter-width ResNet-18 of
+benchmarks/ssql_vs_simsiam.py (each fully fine-tuned as benchmarks/lsq_evidence.py does), and then
+each model's plans applied to the other (`quantize --config`): the two pretrainings under one plan.
 
-Writes benchmarks/results/mixed_precision.{json,log}. Nothing else may run on the machine meanwhile.
+    .venv/bin/python benchmarks/mixed_precision.py     # needs runs/families/<arch> (families_int8.py --train-only)
+    .venv/bin/python benchmarks/mixed_precision.py --pretrained     # needs runs/evidence/{simsiam,ssql}
+
+Writes benchmarks/results/mixed_precision.{json,log} (mixed_pretraining.{json,log} with --pretrained).
+Nothing else may run on the machine meanwhile.
 """
 
 import json
@@ -22,12 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import ort_top1, run_logged  # noqa: E402
+from evidence import finetuned_evidence, ort_top1, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
-LOG = RESULTS / "mixed_precision.log"
 RUNS = ROOT / "runs/mixed"
 ARCHS = ["mobilenet_v2", "resnet18_quarter"]
+PRETRAININGS = ["simsiam", "ssql"]
 CALIB = ["--calib", "mse", "--subset", "1000", "--workers", "1"]
 PAIRS = [  # (uniform, the mixed budget at the same averages)
     ("w4a8", "avg-wbits=4"),
@@ -36,12 +42,8 @@ PAIRS = [  # (uniform, the mixed budget at the same averages)
 ]
 
 
-def cli(*args: str | Path) -> float:
-    return run_logged(LOG, *args)
-
-
-def exported_top1(run: Path, variant: str) -> float:
-    cli("export", run, "--bits", variant, "--engine", "ort", "--ort-kernel", "symmetric")
+def exported_top1(run: Path, variant: str, log: Path) -> float:
+    run_logged(log, "export", run, "--bits", variant, "--engine", "ort", "--ort-kernel", "symmetric")
     return ort_top1(run / "export" / f"{variant}-ort" / "model.qdq.onnx")
 
 
@@ -50,10 +52,8 @@ def newest_variant(run: Path, before: set[str]) -> str:
     return made
 
 
-def measure(arch: str) -> dict:
-    run = RUNS / arch
-    if not run.exists():
-        shutil.copytree(ROOT / "runs/families" / arch / "finetune", run / "finetune")
+def measure(run: Path, log: Path) -> dict:
+    cli = lambda *args: run_logged(log, *args)  # noqa: E731
     if not (run / "analyze/sensitivity.json").is_file():  # an analysis done by an earlier run is reused, with its own timing
         cli("analyze", run, "--bits", "2,3,4,6,8", "--metric", "loss", "--calib", "mse", "--workers", "1")
     sensitivity = json.loads((run / "analyze/sensitivity.json").read_text())
@@ -64,22 +64,56 @@ def measure(arch: str) -> dict:
         seconds = cli("quantize", run, "--bits", "auto", "--budget", budget, *CALIB)
         mixed = newest_variant(run, before)
         plan = json.loads((run / "quant" / mixed / "manifest.json").read_text())["metrics"]["auto_bits"]
-        rows.append({"uniform": uniform, "uniform_top1": exported_top1(run, uniform), "budget": budget, "mixed": mixed,
-                     "mixed_top1": exported_top1(run, mixed), "plan": plan, "quantize_s": seconds})  # fmt: skip
+        rows.append({"uniform": uniform, "uniform_top1": exported_top1(run, uniform, log), "budget": budget, "mixed": mixed,
+                     "mixed_top1": exported_top1(run, mixed, log), "plan": plan, "quantize_s": seconds})  # fmt: skip
         rows[-1]["mixed_minus_uniform"] = round(rows[-1]["mixed_top1"] - rows[-1]["uniform_top1"], 2)
     before = {p.name for p in (run / "quant").iterdir()}
     control_s = cli("quantize", run, "--bits", "w4a4", "--max-drop", "0.5", *CALIB)
     controlled = newest_variant(run, before) if {p.name for p in (run / "quant").iterdir()} - before else "w4a4"
     report = json.loads((run / "quant" / controlled / "manifest.json").read_text())["metrics"]["accuracy_control"]
     return {"analysis_s": sensitivity["seconds"], "evaluations": sensitivity["evaluations"], "pairs": rows,
-            "max_drop": report | {"variant": controlled, "seconds": control_s, "test_top1": exported_top1(run, controlled)}}  # fmt: skip
+            "max_drop": report | {"variant": controlled, "seconds": control_s, "test_top1": exported_top1(run, controlled, log)}}  # fmt: skip
+
+
+def fine_tuned_copy(source: Path, name: str) -> Path:
+    """A run of its own under runs/mixed holding only `source`'s fine-tuned model, so analyses and plans stay apart."""
+    run = RUNS / name
+    if not run.exists():
+        shutil.copytree(source / "finetune", run / "finetune")
+    return run
+
+
+def same_plans(runs: dict[str, Path], models: dict[str, dict], log: Path) -> list[dict]:
+    """Every model's plan at every budget applied to every other model too: the pretrainings compared under one plan."""
+    rows = []
+    for i, (_, budget) in enumerate(PAIRS):
+        for owner in runs:
+            plan = models[owner]["pairs"][i]["mixed"]
+            row = {"budget": budget, "plan_of": owner, "plan": plan, owner: models[owner]["pairs"][i]["mixed_top1"]}
+            for name, run in runs.items():
+                if name != owner:
+                    run_logged(log, "quantize", run, "--config", runs[owner] / "quant" / plan / "config.json", *CALIB)
+                    row[name] = exported_top1(run, plan, log)
+            rows.append(row)
+    return rows
 
 
 def main() -> None:
+    pretrained = "--pretrained" in sys.argv
+    name = "mixed_pretraining" if pretrained else "mixed_precision"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "mixed_precision", "measured_on": "exported ONNX in ONNX Runtime (CPU, 2 threads), all 10k test images",
-              "models": {arch: measure(arch) for arch in ARCHS}}  # fmt: skip
-    (RESULTS / "mixed_precision.json").write_text(json.dumps(result, indent=2) + "\n")
+    log = RESULTS / f"{name}.log"
+    if pretrained:
+        runs = {m: fine_tuned_copy(finetuned_evidence(m, log), f"resnet18_quarter-{m}") for m in PRETRAININGS}
+    else:
+        runs = {arch: fine_tuned_copy(ROOT / "runs/families" / arch, arch) for arch in ARCHS}
+    result: dict = {"benchmark": name, "measured_on": "exported ONNX in ONNX Runtime (CPU, 2 threads), all 10k test images",
+                    "models": {key: measure(run, log) for key, run in runs.items()}}  # fmt: skip
+    if pretrained:
+        for key, run in runs.items():
+            result["models"][key]["fp32_onnx_top1"] = ort_top1(run / "export/fp32/model.onnx")
+        result["same_plan"] = same_plans(runs, result["models"], log)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

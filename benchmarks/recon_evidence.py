@@ -14,7 +14,8 @@ nothing else running), calibration and scoring the simulation included.
 
     .venv/bin/python benchmarks/recon_evidence.py [--archs resnet18_quarter mobilenet_v2] [--bits w4a4 ...] [--iters 500]
 
-Writes benchmarks/results/recon_evidence.json and .log.
+Writes benchmarks/results/recon_evidence.json and .log. Each bit pair is written as soon as it is measured, into
+what the JSON holds already, so the benchmark can be run a model or a bit pair at a time (same --iters).
 """
 
 import argparse
@@ -49,11 +50,12 @@ def quantized(run: Path, out: Path, bits: str, name: str, *extra: str) -> dict:
     return {"top1": ort_top1(out / f"export/{name}-ort/model.qdq.onnx"), "seconds": seconds}
 
 
-def measure(arch: str, bits_list: list[str], iters: int) -> dict:
+def measure(arch: str, bits_list: list[str], iters: int, result: dict) -> None:
+    """Measure `arch` at each bit pair into `result`, saving the JSON after each."""
     run = RUNS / arch
     if not (run / "finetune/manifest.json").is_file():
         raise SystemExit(f"{run} is not fine-tuned: run benchmarks/families_int8.py --train-only first")
-    rows: dict = {}
+    model = result["models"].setdefault(arch, {"bits": {}})
     for bits in bits_list:
         row: dict = {"calibrators": {c: quantized(run, OUT / f"{arch}-{c}", bits, bits, "--calib", c) for c in CALIBRATORS}}
         best = max(CALIBRATORS, key=lambda c: row["calibrators"][c]["top1"])
@@ -63,10 +65,11 @@ def measure(arch: str, bits_list: list[str], iters: int) -> dict:
                                     "--iters", str(iters))  # fmt: skip
         row["lsq"] = quantized(run, OUT / f"{arch}-lsq", bits, f"{bits}-lsq", "--calib", best, "--lsq", "--epochs", "1", "--lr", "0.01",
                                "--batch-size", "128")  # fmt: skip
-        rows[bits] = row
+        model["bits"][bits] = row
+        model["fp32_onnx_top1"] = ort_top1(OUT / f"{arch}-minmax/export/fp32/model.onnx")
         with LOG.open("a") as f:
             f.write(f"{arch} {bits}: {json.dumps(row)}\n")
-    return {"fp32_onnx_top1": ort_top1(OUT / f"{arch}-minmax/export/fp32/model.onnx"), "bits": rows}
+        (RESULTS / "recon_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -78,9 +81,13 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with LOG.open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv[1:])}\n")
-    result = {"benchmark": "recon_evidence", "measured_on": "exported QDQ ONNX in ONNX Runtime (CPU), all 10k test images",
-              "iters": args.iters, "models": {arch: measure(arch, args.bits, args.iters) for arch in args.archs}}  # fmt: skip
-    (RESULTS / "recon_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / "recon_evidence.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "recon_evidence", "iters": args.iters, "models": {},
+                                                                  "measured_on": "exported QDQ ONNX in ONNX Runtime (CPU), all 10k test images"}  # fmt: skip
+    if result["iters"] != args.iters:
+        raise SystemExit(f"{path} was measured with --iters {result['iters']}: pass the same, or move it aside to start over")
+    for arch in args.archs:
+        measure(arch, args.bits, args.iters, result)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def _board_cli(env: dict[str, str], *args: str | Path) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def board(deployed: Path, tmp_path_factory: pytest.TempPathFactory, cli: CliRun) -> Path:
-    """What an engineer copies to the board: the FP32 and w4a4 ONNX files and the evalset, nothing else."""
+    """What an engineer copies to the board: the FP32 model (ONNX and IR), the w4a4 ONNX and IR, and the evalset, nothing else."""
     run = tmp_path_factory.mktemp("board_run") / "run"
     shutil.copytree(deployed, run)
     exported = cli("export", run, "--bits", "w4a4", "--evalset", "--eval-size", "500")
@@ -40,7 +40,11 @@ def board(deployed: Path, tmp_path_factory: pytest.TempPathFactory, cli: CliRun)
     assert cli("export", run, "--bits", "w4a4", "--engine", "openvino").returncode == 0
     board = tmp_path_factory.mktemp("board")
     shutil.copy(run / "export/w4a4-ort/evalset.npz", board / "evalset.npz")
-    for name, files in (("fp32", ["model.onnx"]), ("w4a4-ort", ["model.qdq.onnx"]), ("w4a4-openvino", ["model.xml", "model.bin"])):
+    for name, files in (
+        ("fp32", ["model.onnx", "model.xml", "model.bin"]),
+        ("w4a4-ort", ["model.qdq.onnx"]),
+        ("w4a4-openvino", ["model.xml", "model.bin"]),
+    ):
         (board / name).mkdir()
         for file in files:
             shutil.copy(run / "export" / name / file, board / name / file)
@@ -77,6 +81,10 @@ def test_the_board_install_refuses_what_needs_training_packages(board: Path, tmp
     broken = tmp_path / "broken.npz"
     broken.write_text("not an archive")
     assert_user_error(_board_cli(env, "bench", board / "fp32/model.onnx", "--evalset", broken), "is not an evalset")
+    twice = _board_cli(env, "bench", board / "fp32/model.onnx", board / "fp32/model.xml", "--evalset", board / "evalset.npz",
+                       "--runtime", "openvino", "--out", tmp_path / "twice")  # fmt: skip
+    assert_user_error(twice, "would both be the row ov-fp32", "pass the FP32 model once")
+    assert not (tmp_path / "twice").exists()
     no_openvino = _board(tmp_path / "no_openvino", absent=("openvino",))
     refused = _board_cli(no_openvino, "export", deployed, "--bits", "w4a4", "--engine", "openvino", "--out", tmp_path / "out")
     assert_user_error(refused, "needs OpenVINO", "pip install 'ssql-deploy[openvino]'")

@@ -84,12 +84,17 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _title(runtime: str) -> str:
+    """A runtime's display name; a report written by another version may name one this table does not know."""
+    known = RUNTIMES.get(runtime)  # type: ignore[call-overload]
+    return known.title if known is not None else runtime
+
+
 def _series(row: Row) -> tuple[str, ...]:
     """Accuracy-plot lines a row belongs to: its runtime, and for ONNX Runtime the layout of the graph it runs.
     The FP32 ONNX row starts every ONNX Runtime line."""
     if row.runtime != "onnxruntime":
-        runtime = RUNTIMES.get(row.runtime)  # type: ignore[call-overload]
-        return (runtime.title if runtime is not None else row.runtime,)
+        return (_title(row.runtime),)
     line = lambda engine: "ONNX Runtime" if engine == "ort" else f"ONNX Runtime, {engine} layout"  # noqa: E731
     return tuple(line(e) for e in ENGINES) if row.bits == "fp32" else (line(row.engine or "ort"),)
 
@@ -140,8 +145,7 @@ def _tradeoff(ax: Any, rows: list[Row], batch: str | None) -> None:
         points = [(r.latency[batch].p50_ms, r.top1, r.name) for r in rows if r.runtime == runtime and batch in r.latency]
         if not points:
             continue
-        known = RUNTIMES.get(runtime)  # type: ignore[call-overload]
-        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=known.title if known else runtime)
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=_title(runtime))
         for latency, top1, name in points:
             ax.annotate(name, (latency, top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
