@@ -15,6 +15,7 @@ each model's plans applied to the other (`quantize --config`): the two pretraini
 
     .venv/bin/python benchmarks/mixed_precision.py     # needs runs/families/<arch> (families_int8.py --train-only)
     .venv/bin/python benchmarks/mixed_precision.py --pretrained     # needs runs/evidence/{simsiam,ssql}
+    .venv/bin/python benchmarks/mixed_precision.py --pretrained --summarize   # only recompute the differences from the JSON
 
 Writes benchmarks/results/mixed_precision.{json,log} (mixed_pretraining.{json,log} with --pretrained).
 Nothing else may run on the machine meanwhile.
@@ -98,10 +99,26 @@ def same_plans(runs: dict[str, Path], models: dict[str, dict], log: Path) -> lis
     return rows
 
 
+def differences(result: dict) -> dict:
+    """SSQL minus SimSiam, the gaps the README quotes: at FP32, at each uniform width, and under each shared plan."""
+    sim, ssql = result["models"]["simsiam"], result["models"]["ssql"]
+    return {
+        "fp32": round(ssql["fp32_onnx_top1"] - sim["fp32_onnx_top1"], 2),
+        "uniform": {a["uniform"]: round(b["uniform_top1"] - a["uniform_top1"], 2) for a, b in zip(sim["pairs"], ssql["pairs"], strict=True)},
+        "same_plan": [{"budget": r["budget"], "plan_of": r["plan_of"], "ssql_minus_simsiam": round(r["ssql"] - r["simsiam"], 2)}
+                      for r in result["same_plan"]],
+    }  # fmt: skip
+
+
 def main() -> None:
     pretrained = "--pretrained" in sys.argv
     name = "mixed_pretraining" if pretrained else "mixed_precision"
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if "--summarize" in sys.argv:
+        path = RESULTS / f"{name}.json"
+        result = json.loads(path.read_text())
+        path.write_text(json.dumps(result | {"ssql_minus_simsiam": differences(result)}, indent=2) + "\n")
+        return
     log = RESULTS / f"{name}.log"
     if pretrained:
         runs = {m: fine_tuned_copy(finetuned_evidence(m, log), f"resnet18_quarter-{m}") for m in PRETRAININGS}
@@ -113,6 +130,7 @@ def main() -> None:
         for key, run in runs.items():
             result["models"][key]["fp32_onnx_top1"] = ort_top1(run / "export/fp32/model.onnx")
         result["same_plan"] = same_plans(runs, result["models"], log)
+        result["ssql_minus_simsiam"] = differences(result)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
