@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evidence import EVIDENCE as RUNS  # noqa: E402
-from evidence import finetuned_evidence, ort_top1, run_logged  # noqa: E402
+from evidence import finetuned_evidence, ort_top1, resummarize, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 LOG = RESULTS / "lsq_evidence.log"
@@ -48,11 +48,8 @@ def differences(methods: dict) -> dict:
 
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if "--summarize" in sys.argv:  # only recompute the differences in the existing JSON
-        path = RESULTS / "lsq_evidence.json"
-        result = json.loads(path.read_text())
-        path.write_text(json.dumps(result | {"differences": differences(result["methods"])}, indent=2) + "\n")
-        return
+    if "--summarize" in sys.argv:
+        return resummarize(RESULTS / "lsq_evidence.json", "differences", lambda result: differences(result["methods"]))
     LOG.write_text("")
     result: dict = {
         "benchmark": "lsq_evidence",

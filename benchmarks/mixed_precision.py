@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import finetuned_evidence, ort_top1, run_logged  # noqa: E402
+from evidence import finetuned_evidence, ort_top1, resummarize, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 RUNS = ROOT / "runs/mixed"
@@ -115,10 +115,7 @@ def main() -> None:
     name = "mixed_pretraining" if pretrained else "mixed_precision"
     RESULTS.mkdir(parents=True, exist_ok=True)
     if "--summarize" in sys.argv:
-        path = RESULTS / f"{name}.json"
-        result = json.loads(path.read_text())
-        path.write_text(json.dumps(result | {"ssql_minus_simsiam": differences(result)}, indent=2) + "\n")
-        return
+        return resummarize(RESULTS / f"{name}.json", "ssql_minus_simsiam", differences)
     log = RESULTS / f"{name}.log"
     if pretrained:
         runs = {m: fine_tuned_copy(finetuned_evidence(m, log), f"resnet18_quarter-{m}") for m in PRETRAININGS}

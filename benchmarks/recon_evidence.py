@@ -13,6 +13,7 @@ test images; every wall time is the `ssql-deploy quantize` command that produced
 nothing else running), calibration and scoring the simulation included.
 
     .venv/bin/python benchmarks/recon_evidence.py [--archs resnet18_quarter mobilenet_v2] [--bits w4a4 ...] [--iters 500]
+    .venv/bin/python benchmarks/recon_evidence.py --summarize   # only recompute the differences from the JSON
 
 Writes benchmarks/results/recon_evidence.json and .log. Each bit pair is written as soon as it is measured, into
 what the JSON holds already, so the benchmark can be run a model or a bit pair at a time (same --iters).
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import ort_top1, run_logged  # noqa: E402
+from evidence import ort_top1, resummarize, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 RUNS = ROOT / "runs/families"
@@ -50,6 +51,21 @@ def quantized(run: Path, out: Path, bits: str, name: str, *extra: str) -> dict:
     return {"top1": ort_top1(out / f"export/{name}-ort/model.qdq.onnx"), "seconds": seconds}
 
 
+def differences(result: dict) -> dict:
+    """Per model and bit pair, what the goals are judged on: LSQ's top-1 minus each method's (the best calibrator's
+    too), each method's wall time over LSQ's, and FP32 minus each method."""
+    out: dict = {}
+    for arch, model in result["models"].items():
+        for bits, row in model["bits"].items():
+            methods = {"best_calibrator": row["calibrators"][row["best_calibrator"]], **{m: row[m] for m in [*METHODS, "lsq"]}}
+            out.setdefault(arch, {})[bits] = {
+                "lsq_minus": {m: round(row["lsq"]["top1"] - r["top1"], 2) for m, r in methods.items() if m != "lsq"},
+                "seconds_over_lsq": {m: round(r["seconds"] / row["lsq"]["seconds"], 3) for m, r in methods.items() if m != "lsq"},
+                "fp32_minus": {m: round(model["fp32_onnx_top1"] - r["top1"], 2) for m, r in methods.items()},
+            }  # fmt: skip
+    return out
+
+
 def measure(arch: str, bits_list: list[str], iters: int, result: dict) -> None:
     """Measure `arch` at each bit pair into `result`, saving the JSON after each."""
     run = RUNS / arch
@@ -67,6 +83,7 @@ def measure(arch: str, bits_list: list[str], iters: int, result: dict) -> None:
                                "--batch-size", "128")  # fmt: skip
         model["bits"][bits] = row
         model["fp32_onnx_top1"] = ort_top1(OUT / f"{arch}-minmax/export/fp32/model.onnx")
+        result["differences"] = differences(result)
         with LOG.open("a") as f:
             f.write(f"{arch} {bits}: {json.dumps(row)}\n")
         (RESULTS / "recon_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -77,7 +94,10 @@ def main() -> None:
     parser.add_argument("--archs", nargs="*", default=["resnet18_quarter", "mobilenet_v2"])
     parser.add_argument("--bits", nargs="*", default=["w4a8", "w4a4", "w3a3", "w2a4"])
     parser.add_argument("--iters", type=int, default=500)
+    parser.add_argument("--summarize", action="store_true", help="only recompute the differences in the existing JSON")
     args = parser.parse_args()
+    if args.summarize:
+        return resummarize(RESULTS / "recon_evidence.json", "differences", differences)
     RESULTS.mkdir(parents=True, exist_ok=True)
     with LOG.open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv[1:])}\n")

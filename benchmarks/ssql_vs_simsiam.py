@@ -28,6 +28,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evidence import resummarize  # noqa: E402
+
 from ssql_deploy.data import DataSource, eval_transform, get_spec, load_split  # noqa: E402
 from ssql_deploy.finetune.probe import quantized_linear_eval  # noqa: E402
 from ssql_deploy.models import create_model  # noqa: E402
@@ -91,9 +93,7 @@ def main() -> None:
     log = RESULTS / "ssql_vs_simsiam.log"
     output = RESULTS / "ssql_vs_simsiam.json"
     if args.summarize:
-        result = json.loads(output.read_text())
-        output.write_text(json.dumps(result | {"minus_simsiam": differences(result["methods"])}, indent=2) + "\n")
-        return
+        return resummarize(output, "minus_simsiam", lambda result: differences(result["methods"]))
     torch.set_num_threads(2)
     spec = get_spec("fashion-mnist")
     transform = eval_transform(32, spec.mean, spec.std)
