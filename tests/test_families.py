@@ -84,7 +84,7 @@ def test_an_operator_nobody_can_place_is_named_with_its_node() -> None:
 
 @pytest.mark.parametrize("name", TINY)
 def test_each_family_end_to_end_from_the_cli(name: str, tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:
-    """finetune -> quantize -> export for ort and trt -> bench, as a user types it."""
+    """finetune -> quantize -> export for ort and trt -> bench, as a user types it; then LSQ from the same run, exported."""
     run = tmp_path / "run"
     ft = cli("finetune", "--arch", name, "--subset", "512", "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--workers", "0",
              "--out", run)  # fmt: skip
@@ -107,6 +107,14 @@ def test_each_family_end_to_end_from_the_cli(name: str, tmp_path: Path, fmnist_r
     assert rows["onnx-fp32"]["agreement"] == 100.0 and rows["qdq-ort-w4a4"]["agreement"] >= 99
     assert rows["trt-w4a4"]["status"].startswith("skipped")  # no GPU here
     assert np.isfinite(rows["qdq-ort-w4a4"]["latency"]["1"]["p50_ms"])
+    lsq = cli("quantize", run, "--bits", "w4a4", "--lsq", "--epochs", "1", "--calib-size", "64", "--calib-dir", tmp_path / "calib",
+              "--subset", "128", "--batch-size", "64", "--workers", "0")  # fmt: skip
+    assert lsq.returncode == 0, lsq.stderr  # signed activations on a zero-point grid (linear bottlenecks) keep their ranges
+    kept = json.loads((run / "quant/w4a4-lsq/manifest.json").read_text())["metrics"]["lsq"]["calibrated_ranges_kept"]
+    assert (len(kept) > 0) == (name in ("test_efficientnet", "test_mobilenet_v2", "test_mobilenet_v3")), kept  # linear bottlenecks
+    e = cli("export", run, "--bits", "w4a4", "--lsq", "--engine", "ort")
+    assert e.returncode == 0, e.stderr
+    assert json.loads((run / "export/w4a4-lsq-ort/parity.json").read_text())["passed"]
 
 
 def test_a_mobile_family_on_full_size_images_as_users_write_it(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:

@@ -103,12 +103,18 @@ def from_payload(obj: dict[str, Any], layout: Layout | None = None, where: str =
     return LoadedQuantized(gm, model.eval(), meta, obj, missing)
 
 
-def init_lsq(gm: fx.GraphModule, rule: str | None, samples: dict[str, torch.Tensor] | None = None) -> None:
-    """Turn every scale into a learned step: from the calibrated ranges, or LSQ's own rule."""
+def init_lsq(gm: fx.GraphModule, rule: str | None, samples: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Turn every scale into a learned step, from the calibrated ranges or LSQ's own rule; returns the activation points
+    that keep their calibrated range because their grid has a zero-point (see ActQuantizer.learns_step)."""
     for layer, wq in weight_quantizers(gm).items():
         wq.init_lsq(gm.get_submodule(layer).weight, rule or "calibrated")
+    kept = []
     for point, q in act_quantizers(gm).items():
-        q.init_lsq(rule or "calibrated", (samples or {}).get(point))
+        if q.learns_step:
+            q.init_lsq(rule or "calibrated", (samples or {}).get(point))
+        else:
+            kept.append(point)
+    return kept
 
 
 def restore_quant_state(gm: fx.GraphModule, sd: dict[str, torch.Tensor], saved: dict[str, dict[str, Any]]) -> set[str]:

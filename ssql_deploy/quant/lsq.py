@@ -79,7 +79,10 @@ def train_lsq(
     loaders = (make_loader(train_set, recipe.batch_size, True, one, recipe.workers, recipe.seed),
                make_loader(test_set, recipe.batch_size, False, one, recipe.workers, recipe.seed))  # fmt: skip
 
-    init_lsq(gm, recipe.lsq_init, _activation_samples(gm, calib_batch) if recipe.lsq_init == "lsq" else None)
+    calibrated = init_lsq(gm, recipe.lsq_init, _activation_samples(gm, calib_batch) if recipe.lsq_init == "lsq" else None)
+    if calibrated:
+        print(f"note: {len(calibrated)} activation quantizers hold signed values on an unsigned grid with a zero-point (linear "
+              "bottlenecks, residual sums); LSQ keeps their calibrated ranges and learns every other step")  # fmt: skip
     steps = [p for name, p in gm.named_parameters() if name.endswith(".step")]
     params = steps if recipe.train_steps_only else [p for p in gm.parameters()]
     for p in gm.parameters():
@@ -96,4 +99,4 @@ def train_lsq(
     best = load_checkpoint(out_dir / BEST)
     gm.load_state_dict(best["model"])
     return metrics | {"best_epoch": best["epoch"], "trained": "step sizes" if recipe.train_steps_only else "weights and step sizes",
-                      "checkpoints": [str(out_dir / BEST), str(out_dir / LAST)]}  # fmt: skip
+                      "calibrated_ranges_kept": calibrated, "checkpoints": [str(out_dir / BEST), str(out_dir / LAST)]}  # fmt: skip

@@ -261,9 +261,15 @@ class ActQuantizer(nn.Module):
             zero = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
         return QParams(scale, zero, qmin, qmax)
 
+    @property
+    def learns_step(self) -> bool:
+        """LSQ's step needs a zero-point of 0: a symmetric grid, or an unsigned one whose range starts at 0. An unsigned
+        grid with a zero-point (signed values, as a linear bottleneck's, on uint8) keeps its calibrated range instead."""
+        return self.signed or float(self.lo) >= 0
+
     def init_lsq(self, rule: str = "calibrated", sample: torch.Tensor | None = None) -> None:
         """Seed the learned step from the calibrated range or LSQ's rule on a sample activation."""
-        if not self.signed and float(self.lo) < 0:
+        if not self.learns_step:
             raise ValueError("LSQ is only defined here for post-ReLU (zero-based) or symmetric activations")
         if rule == "lsq":
             if sample is None:

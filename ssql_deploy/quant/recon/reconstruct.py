@@ -105,7 +105,7 @@ def _fit(gm: fx.GraphModule, unit: Unit, inputs: torch.Tensor, float_inputs: tor
     roundings: list[AdaRound] = [start_rounding(c.weight_quantizer, c.weight) for c in convs if isinstance(c, QuantConv2d)]
     groups: list[dict[str, Any]] = [{"params": [r.alpha for r in roundings], "lr": settings.lr}]
     if settings.method != "adaround":
-        learned = [q for q in acts if q.signed or float(q.lo) >= 0]  # LSQ steps need a zero-point of 0
+        learned = [q for q in acts if q.learns_step]
         for q in learned:
             q.init_lsq("calibrated")
         groups.append({"params": [q.step for q in learned], "lr": settings.act_lr})
