@@ -57,6 +57,8 @@ def differences(result: dict) -> dict:
     out: dict = {}
     for arch, model in result["models"].items():
         for bits, row in model["bits"].items():
+            if any(m not in row for m in [*METHODS, "lsq"]):
+                continue
             methods = {"best_calibrator": row["calibrators"][row["best_calibrator"]], **{m: row[m] for m in [*METHODS, "lsq"]}}
             out.setdefault(arch, {})[bits] = {
                 "lsq_minus": {m: round(row["lsq"]["top1"] - r["top1"], 2) for m, r in methods.items() if m != "lsq"},
@@ -67,26 +69,32 @@ def differences(result: dict) -> dict:
 
 
 def measure(arch: str, bits_list: list[str], iters: int, result: dict) -> None:
-    """Measure `arch` at each bit pair into `result`, saving the JSON after each."""
+    """Measure `arch` at each bit pair into `result`, saving the JSON after each method: a run that fails or is stopped
+    part-way keeps what it measured (a row without all methods gets no differences)."""
     run = RUNS / arch
     if not (run / "finetune/manifest.json").is_file():
         raise SystemExit(f"{run} is not fine-tuned: run benchmarks/families_int8.py --train-only first")
     model = result["models"].setdefault(arch, {"bits": {}})
+
+    def save() -> None:
+        result["differences"] = differences(result)
+        (RESULTS / "recon_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
+
     for bits in bits_list:
         row: dict = {"calibrators": {c: quantized(run, OUT / f"{arch}-{c}", bits, bits, "--calib", c) for c in CALIBRATORS}}
-        best = max(CALIBRATORS, key=lambda c: row["calibrators"][c]["top1"])
-        row["best_calibrator"] = best
+        row["best_calibrator"] = best = max(CALIBRATORS, key=lambda c: row["calibrators"][c]["top1"])
+        model["bits"][bits] = row
+        model["fp32_onnx_top1"] = ort_top1(OUT / f"{arch}-minmax/export/fp32/model.onnx")
+        save()
         for method in METHODS:
             row[method] = quantized(run, OUT / f"{arch}-{method}", bits, f"{bits}-{method}", "--calib", "mse", "--reconstruct", method,
                                     "--iters", str(iters))  # fmt: skip
+            save()
         row["lsq"] = quantized(run, OUT / f"{arch}-lsq", bits, f"{bits}-lsq", "--calib", best, "--lsq", "--epochs", "1", "--lr", "0.01",
                                "--batch-size", "128")  # fmt: skip
-        model["bits"][bits] = row
-        model["fp32_onnx_top1"] = ort_top1(OUT / f"{arch}-minmax/export/fp32/model.onnx")
-        result["differences"] = differences(result)
+        save()
         with LOG.open("a") as f:
             f.write(f"{arch} {bits}: {json.dumps(row)}\n")
-        (RESULTS / "recon_evidence.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
