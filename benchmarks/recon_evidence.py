@@ -15,8 +15,9 @@ nothing else running), calibration and scoring the simulation included.
     .venv/bin/python benchmarks/recon_evidence.py [--archs resnet18_quarter mobilenet_v2] [--bits w4a4 ...] [--iters 500]
     .venv/bin/python benchmarks/recon_evidence.py --summarize   # only recompute the differences from the JSON
 
-Writes benchmarks/results/recon_evidence.json and .log. Each bit pair is written as soon as it is measured, into
-what the JSON holds already, so the benchmark can be run a model or a bit pair at a time (same --iters).
+Writes benchmarks/results/recon_evidence.json and .log. Each method's result is written as soon as it is measured,
+into what the JSON holds already, so the benchmark can be run a model or a bit pair at a time (same --iters) and a
+run stopped part-way keeps what it measured.
 """
 
 import argparse
@@ -52,25 +53,23 @@ def quantized(run: Path, out: Path, bits: str, name: str, *extra: str) -> dict:
 
 
 def differences(result: dict) -> dict:
-    """Per model and bit pair, what the goals are judged on: LSQ's top-1 minus each method's (the best calibrator's
-    too), each method's wall time over LSQ's, and FP32 minus each method."""
+    """Per model and bit pair, what the goals are judged on: FP32 minus each method measured (the best calibrator
+    too) and, once LSQ is measured, LSQ's top-1 minus each method's and each method's wall time over LSQ's."""
     out: dict = {}
     for arch, model in result["models"].items():
         for bits, row in model["bits"].items():
-            if any(m not in row for m in [*METHODS, "lsq"]):
-                continue
-            methods = {"best_calibrator": row["calibrators"][row["best_calibrator"]], **{m: row[m] for m in [*METHODS, "lsq"]}}
-            out.setdefault(arch, {})[bits] = {
-                "lsq_minus": {m: round(row["lsq"]["top1"] - r["top1"], 2) for m, r in methods.items() if m != "lsq"},
-                "seconds_over_lsq": {m: round(r["seconds"] / row["lsq"]["seconds"], 3) for m, r in methods.items() if m != "lsq"},
-                "fp32_minus": {m: round(model["fp32_onnx_top1"] - r["top1"], 2) for m, r in methods.items()},
-            }  # fmt: skip
+            methods = {"best_calibrator": row["calibrators"][row["best_calibrator"]], **{m: row[m] for m in METHODS if m in row}}
+            entry = out.setdefault(arch, {})[bits] = {"fp32_minus": {m: round(model["fp32_onnx_top1"] - r["top1"], 2)
+                                                                      for m, r in (methods | {"lsq": row.get("lsq")}).items() if r}}  # fmt: skip
+            if "lsq" in row:
+                entry["lsq_minus"] = {m: round(row["lsq"]["top1"] - r["top1"], 2) for m, r in methods.items()}
+                entry["seconds_over_lsq"] = {m: round(r["seconds"] / row["lsq"]["seconds"], 3) for m, r in methods.items()}
     return out
 
 
 def measure(arch: str, bits_list: list[str], iters: int, result: dict) -> None:
     """Measure `arch` at each bit pair into `result`, saving the JSON after each method: a run that fails or is stopped
-    part-way keeps what it measured (a row without all methods gets no differences)."""
+    part-way keeps what it measured."""
     run = RUNS / arch
     if not (run / "finetune/manifest.json").is_file():
         raise SystemExit(f"{run} is not fine-tuned: run benchmarks/families_int8.py --train-only first")
@@ -84,7 +83,8 @@ def measure(arch: str, bits_list: list[str], iters: int, result: dict) -> None:
         row: dict = {"calibrators": {c: quantized(run, OUT / f"{arch}-{c}", bits, bits, "--calib", c) for c in CALIBRATORS}}
         row["best_calibrator"] = best = max(CALIBRATORS, key=lambda c: row["calibrators"][c]["top1"])
         model["bits"][bits] = row
-        model["fp32_onnx_top1"] = ort_top1(OUT / f"{arch}-minmax/export/fp32/model.onnx")
+        if "fp32_onnx_top1" not in model:  # the same fine-tuned model at every bit pair: scored once
+            model["fp32_onnx_top1"] = ort_top1(OUT / f"{arch}-minmax/export/fp32/model.onnx")
         save()
         for method in METHODS:
             row[method] = quantized(run, OUT / f"{arch}-{method}", bits, f"{bits}-{method}", "--calib", "mse", "--reconstruct", method,
