@@ -18,6 +18,8 @@ from ssql_deploy.bench.runners import Runner  # noqa: E402
 from ssql_deploy.data import DataSource  # noqa: E402
 from ssql_deploy.evaluate import eval_loader  # noqa: E402
 
+EVIDENCE = ROOT / "runs/evidence"  # the pretrained backbones of benchmarks/ssql_vs_simsiam.py, and their fine-tunes
+
 
 def top1(runner: Runner, size: int = 32) -> float:
     """Top-1 of a runtime's runner on all 10,000 Fashion-MNIST test images at `size` px."""
@@ -30,9 +32,6 @@ def top1(runner: Runner, size: int = 32) -> float:
 
 def ort_top1(path: Path, threads: int = 2) -> float:
     return top1(OrtRunner(path, threads, "CPUExecutionProvider"))
-
-
-EVIDENCE = ROOT / "runs/evidence"
 
 
 def finetuned_evidence(method: str, log: Path) -> Path:

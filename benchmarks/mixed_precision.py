@@ -115,6 +115,8 @@ def main() -> None:
     name = "mixed_pretraining" if pretrained else "mixed_precision"
     RESULTS.mkdir(parents=True, exist_ok=True)
     if "--summarize" in sys.argv:
+        if not pretrained:
+            raise SystemExit("--summarize recomputes the SSQL-against-SimSiam differences: pass it with --pretrained")
         return resummarize(RESULTS / f"{name}.json", "ssql_minus_simsiam", differences)
     log = RESULTS / f"{name}.log"
     if pretrained:
