@@ -11,12 +11,13 @@ from torch import nn
 
 from ssql_deploy.errors import UserError
 from ssql_deploy.export.onnx_graph import build_onnx
-from ssql_deploy.export.ort_session import integer_conv_report, optimized_op_counts
-from ssql_deploy.export.parity import check_parity
+from ssql_deploy.export.ort_session import HEAD_WHY, integer_conv_report, optimized_op_counts
+from ssql_deploy.export.parity import check_parity, first_departure
 from ssql_deploy.export.trt_rules import check_trt_qdq
 from ssql_deploy.models import create_model, list_models, model_spec
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.config import QuantConfig
+from ssql_deploy.quant.gates import GatedActivation
 from ssql_deploy.quant.placement import prepare
 
 TINY = sorted(s.name for s in list_models() if s.name.startswith("test_"))
@@ -37,9 +38,27 @@ def test_ort_runs_every_conv_as_an_integer_kernel_and_matches_pytorch(name: str,
     model = build_onnx(gm, (3, 32, 32), "ort")
     report = integer_conv_report(model)
     assert report["convs"] > 0 and report["integer_convs"] == report["convs"] and report["float_convs"] == 0, report
-    assert all(info["why"] for info in report["float_ops"].values())  # anything left in float is explained
+    # SiLU, Hardswish and the squeeze-excite gates run on integers (quant/gates.py): only the float head stays float
+    assert all(info["why"] == HEAD_WHY for info in report["float_ops"].values()), report["float_ops"]
     parity = check_parity(gm, model, [fmnist_batch])
     assert parity["passed"], parity["problems"]
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU(), nn.Hardswish()])
+def test_a_gated_activation_costs_at_most_half_a_gate_step_of_x(activation: nn.Module) -> None:
+    x = torch.linspace(-8, 8, 20001)
+    gated = GatedActivation(activation)(x)
+    error = (gated - activation(x)).abs()
+    assert bool((error <= x.abs() / 510 + 1e-6).all()) and float(error.max()) > 0  # rounded, within |x| / 510
+    assert GatedActivation(activation)(torch.tensor([-8.0, 0.0, 8.0])).tolist()[1] == 0.0
+
+
+def test_parity_judges_the_product_a_squeeze_excite_gate_scales_not_its_pooled_vectors() -> None:
+    row = lambda share, pooled: {"max_steps": 1.0, "mismatch_fraction": share, "pooled": pooled}  # noqa: E731
+    # one flipped pooled value moves a whole row of the next fc: a large share there is drift, judged where it lands
+    layers = {"conv": row(1e-5, False), "se_fc1": row(0.3, True), "se_fc2": row(0.2, True), "mul": row(2e-4, False)}
+    assert first_departure(layers) is None
+    assert first_departure({**layers, "project": row(0.02, False)}) == "project"
 
 
 @pytest.mark.parametrize("name", TINY)

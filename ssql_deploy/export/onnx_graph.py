@@ -26,6 +26,7 @@ from torchvision.ops import StochasticDepth
 
 from ssql_deploy.errors import UserError
 from ssql_deploy.quant.fold import bn_affine
+from ssql_deploy.quant.gates import HARD_SHIFT, HARD_SPAN, GatedActivation
 from ssql_deploy.quant.layouts import LAYOUTS, Layout
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, QuantLinear
 from ssql_deploy.runtimes import INPUT_NAME
@@ -50,6 +51,7 @@ class _QInfo:
 class _Value:
     name: str
     q: _QInfo | None = None
+    prescale: float = 1.0  # the tensor holds prescale times the value: its QuantizeLinear divides by prescale x scale
 
 
 class _Emitter:
@@ -143,6 +145,10 @@ class _Emitter:
             return _Value(self.op("Flatten", [x.name], base, axis=1))
         if isinstance(m, nn.ReLU6) and self.rules.relu6_as_relu and self.saturates_at_6(node):
             return _Value(self.op("Relu", [x.name], base))  # the same integers, and ORT folds a Relu into the QLinearConv
+        if isinstance(m, GatedActivation):
+            return _Value(self.gated(m, x, base))
+        if isinstance(m, nn.Hardsigmoid) and self.rules.integer_gates and self.quantizer_clamps_hard_gate(node):
+            return _Value(self.shifted(x, base), prescale=HARD_SPAN)
         activation = self.activation(m, x.name, base)
         if activation is not None:
             return _Value(activation)
@@ -158,6 +164,34 @@ class _Emitter:
             return False
         p = q.qparams()
         return int(torch.clamp(torch.round(torch.tensor(6.0) / p.scale) + p.zero_point, p.qmin, p.qmax)) == p.qmax
+
+    def quantizer_clamps_hard_gate(self, node: fx.Node) -> bool:
+        """Whether this Hardsigmoid's own quantizer (zero-point 0, its top integer at or below 1) already clamps
+        (x + 3) / 6 to [0, 1]: then the Hardsigmoid is an Add of 3, its / 6 goes into the quantizer's scale, and ORT
+        runs it as QLinearAdd."""
+        users = list(node.users)
+        q = self.module(users[0]) if len(users) == 1 and users[0].op == "call_module" else None
+        if not isinstance(q, ActQuantizer) or q.signed or self.arg(node).q is None:
+            return False
+        p = q.qparams()
+        return int(p.zero_point) == 0 and round(1.0 / float(p.scale)) >= p.qmax
+
+    def shifted(self, x: _Value, base: str) -> str:
+        """x + 3, the constant as a DequantizeLinear of exact integers (96 / 32) so ORT fuses the Add into QLinearAdd."""
+        steps = 32
+        shift = [self.const(f"{base}_shift{k}", np.array(v, t)) for k, v, t in
+                 (("_int", HARD_SHIFT * steps, np.uint8), ("_scale", 1.0 / steps, np.float32), ("_zero_point", 0, np.uint8))]  # fmt: skip
+        return self.op("Add", [x.name, self.op("DequantizeLinear", shift, f"{base}_shift")], f"{base}_shifted")
+
+    def gated(self, m: GatedActivation, x: _Value, base: str) -> str:
+        """x * q(gate(x)) (quant/gates.py): Sigmoid, or the hard gate as x + 3 whose / 6 is in the gate's Q scale."""
+        gate = self.shifted(x, base) if m.hard else self.op("Sigmoid", [x.name], f"{base}_gate")
+        scale = float(m.scale)
+        zp = self.const(f"{base}_gate_zero_point", np.array(0, np.uint8))
+        q_scale = self.const(f"{base}_gate_q_scale", np.array(scale * (HARD_SPAN if m.hard else 1.0), np.float32))
+        q = self.op("QuantizeLinear", [gate, q_scale, zp], f"{base}_gate_q")
+        dq = self.op("DequantizeLinear", [q, self.const(f"{base}_gate_scale", np.array(scale, np.float32)), zp], f"{base}_gate_dq")
+        return self.op("Mul", [x.name, dq], base)
 
     def activation(self, m: nn.Module, x: str, base: str) -> str | None:
         """ONNX for torch's activations: Relu, Clip for ReLU6, HardSwish, HardSigmoid (torch's 1/6 and 1/2), Sigmoid,
@@ -206,12 +240,13 @@ class _Emitter:
         dtype, lo, hi = (np.int8, -128, 127) if self.rules.signed or q.signed else (np.uint8, 0, 255)
         scale_name = self.const(f"{base}_scale", np.array(scale, np.float32))
         zp_name = self.const(f"{base}_zero_point", np.array(zp, dtype))
+        q_scale = scale_name if x.prescale == 1.0 else self.const(f"{base}_q_scale", np.array(scale * x.prescale, np.float32))
         narrow = (p.qmin, p.qmax) != (lo, hi)
         src = x.name
         if narrow and self.rules.low_bit_clip == "float":  # TensorRT wants float Clip -> Q (DEPLOY.md)
             bounds = [self.const(f"{base}_clip_{k}", np.array((v - zp) * scale, np.float32)) for k, v in (("min", p.qmin), ("max", p.qmax))]
             src = self.op("Clip", [src, *bounds], f"{base}_clip")
-        qname = self.op("QuantizeLinear", [src, scale_name, zp_name], f"{base}_q")
+        qname = self.op("QuantizeLinear", [src, q_scale, zp_name], f"{base}_q")
         if narrow and self.rules.low_bit_clip == "integer":  # integer Clip between Q and DQ keeps ORT's fusion
             bounds = [self.const(f"{base}_int_{k}", np.array(v, dtype)) for k, v in (("min", p.qmin), ("max", p.qmax))]
             qname = self.op("Clip", [qname, *bounds], f"{base}_qclip")

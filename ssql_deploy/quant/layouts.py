@@ -12,7 +12,8 @@ Neither branches on a runtime's name, so a new runtime is a new row here (and on
   QuantizeLinear and runs as QLinearConv; biases on QLinearConv's int32 grid; low-bit activations
   as Q -> Clip(integers) -> DQ; max-pooling on the integers; a ReLU6 whose quantizer already
   saturates at 6 written as Relu (ORT fuses Relu into QLinearConv, and a Clip only when it spans the
-  whole uint8 range).
+  whole uint8 range); SiLU and Hardswish as x times an 8-bit gate and a Hardsigmoid before its
+  quantizer as an Add of 3, so ORT runs them as QLinearSigmoid/QLinearAdd and QLinearMul (gates.py).
 - `trt`: TensorRT's explicit-quantization rules (DEPLOY.md): symmetric signed int8 only, the
   network input and every conv input quantized, a Q/DQ pair on the skip input of each Add only,
   BatchNorm left for TensorRT to fuse, low-bit activations as a float Clip before Q, float biases.
@@ -41,14 +42,18 @@ class LayoutRules:
     int32_bias: bool  # conv biases on the integer kernel's grid (input scale x weight scale)
     integer_pool: bool  # MaxPool on the integers (it commutes with a monotone Q)
     relu6_as_relu: bool  # a ReLU6 whose quantizer clamps at 6 anyway is written as Relu
+    integer_gates: bool  # SiLU and Hardswish as x * an 8-bit gate, Hardsigmoid as an integer Add (quant/gates.py)
     weight_zero_points: tuple[int, ...]  # allowed weight zero-points (-1 selects ORT's QGEMM path)
 
 
 LAYOUTS: dict[Layout, LayoutRules] = {
     "ssql": LayoutRules(quantize_input=False, signed=False, add_inputs="none", preactivation=False, fold_bn=False,
-                        low_bit_clip="integer", int32_bias=False, integer_pool=False, relu6_as_relu=False, weight_zero_points=(0,)),
+                        low_bit_clip="integer", int32_bias=False, integer_pool=False, relu6_as_relu=False, integer_gates=False,
+                        weight_zero_points=(0,)),
     "ort": LayoutRules(quantize_input=True, signed=False, add_inputs="both", preactivation=True, fold_bn=True,
-                       low_bit_clip="integer", int32_bias=True, integer_pool=True, relu6_as_relu=True, weight_zero_points=(0, -1)),
+                       low_bit_clip="integer", int32_bias=True, integer_pool=True, relu6_as_relu=True, integer_gates=True,
+                       weight_zero_points=(0, -1)),
     "trt": LayoutRules(quantize_input=True, signed=True, add_inputs="skip", preactivation=False, fold_bn=False,
-                       low_bit_clip="float", int32_bias=False, integer_pool=False, relu6_as_relu=False, weight_zero_points=(0,)),
+                       low_bit_clip="float", int32_bias=False, integer_pool=False, relu6_as_relu=False, integer_gates=False,
+                       weight_zero_points=(0,)),
 }  # fmt: skip

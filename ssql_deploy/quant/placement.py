@@ -6,8 +6,8 @@ Hardsigmoid, SiLU and Sigmoid (unsigned after the non-negative ones, with a zero
 after the others), and on every conv input not quantized yet (a linear bottleneck, a residual sum,
 a squeeze-excite product or pooled vector); pooling, dropout and flatten pass values through on
 their grid. Nothing in the model's classification head is quantized. What a layout adds for its
-runtime (the network input, residual Add inputs, conv outputs before unfusable activations) comes
-from its `LayoutRules`.
+runtime (the network input, residual Add inputs, conv outputs before unfusable activations, SiLU and
+Hardswish with an 8-bit gate) comes from its `LayoutRules`.
 """
 
 import operator
@@ -24,6 +24,7 @@ from ssql_deploy.models.registry import ModelSpec
 from ssql_deploy.quant.bits import BitSpec
 from ssql_deploy.quant.config import QuantConfig, Resolved, resolve
 from ssql_deploy.quant.fold import fold_batchnorm
+from ssql_deploy.quant.gates import GATED, GatedActivation
 from ssql_deploy.quant.layouts import LAYOUTS, Layout
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, WeightQuantizer
 
@@ -112,6 +113,10 @@ def _generic_spec(gm: fx.GraphModule) -> tuple[tuple[str, ...], str]:
     return tuple(stem), linears[-1] if linears else "\0"
 
 
+def _in_head(path: str, head: str) -> bool:
+    return path == head or path.startswith(head + ".")
+
+
 def _source(gm: fx.GraphModule, node: object) -> object:
     while _is(gm, node, PASS_THROUGH) or (isinstance(node, fx.Node) and (node.target is torch.flatten or node.target == "flatten")):
         node = node.args[0]  # type: ignore[union-attr]
@@ -128,7 +133,7 @@ def _from_conv(gm: fx.GraphModule, node: object) -> fx.Node | None:
 
 def plan_points(gm: fx.GraphModule, layout: Layout, widths: Resolved, head: str) -> list[ActPoint]:
     rules = LAYOUTS[layout]
-    in_head = lambda n: n.op == "call_module" and (str(n.target) == head or str(n.target).startswith(head + "."))  # noqa: E731
+    in_head = lambda n: n.op == "call_module" and _in_head(str(n.target), head)  # noqa: E731
     points: dict[str, ActPoint] = {}
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
 
@@ -198,7 +203,7 @@ def prepare(model: nn.Module, layout: Layout, config: QuantConfig | BitSpec, spe
         module = _module(gm, node)
         if isinstance(module, nn.Conv2d) and not isinstance(module, QuantConv2d):
             path = str(node.target)
-            weights[path] = bits = None if path == head or path.startswith(head + ".") else widths.weight_bits(path)
+            weights[path] = bits = None if _in_head(path, head) else widths.weight_bits(path)
             if bits is not None:
                 _set_submodule(gm, path, QuantConv2d.from_float(module, bits))
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -212,6 +217,10 @@ def prepare(model: nn.Module, layout: Layout, config: QuantConfig | BitSpec, spe
         node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
     if layout == "ort":
         _link_bias_quantization(gm)
+    if LAYOUTS[layout].integer_gates:
+        for node in gm.graph.nodes:
+            if _is(gm, node, GATED) and not _in_head(str(node.target), head):
+                _set_submodule(gm, str(node.target), GatedActivation(_module(gm, node)))  # type: ignore[arg-type]
     gm.graph.lint()
     gm.recompile()
     gm.quant_layout = layout  # type: ignore[assignment]
