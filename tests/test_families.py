@@ -17,8 +17,9 @@ from ssql_deploy.export.trt_rules import check_trt_qdq
 from ssql_deploy.models import create_model, list_models, model_spec
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.config import QuantConfig
-from ssql_deploy.quant.gates import GatedActivation
+from ssql_deploy.quant.gates import GatedActivation, saturation_bound
 from ssql_deploy.quant.placement import prepare
+from ssql_deploy.quant.quantizer import fake_quant
 
 TINY = sorted(s.name for s in list_models() if s.name.startswith("test_"))
 
@@ -51,6 +52,25 @@ def test_a_gated_activation_costs_at_most_half_a_gate_step_of_x(activation: nn.M
     error = (gated - activation(x)).abs()
     assert bool((error <= x.abs() / 510 + 1e-6).all()) and float(error.max()) > 0  # rounded, within |x| / 510
     assert GatedActivation(activation)(torch.tensor([-8.0, 0.0, 8.0])).tolist()[1] == 0.0
+
+
+@pytest.mark.parametrize("gate, bits", [(nn.Sigmoid(), 8), (nn.Sigmoid(), 4), (nn.Hardsigmoid(), 8)])
+def test_a_gate_input_range_stops_where_the_gate_saturates_on_its_own_grid(gate: nn.Module, bits: int) -> None:
+    qmax = 2**bits - 1
+    on_grid = lambda v: fake_quant(gate(v), torch.tensor(1.0 / qmax), None, 0, qmax)  # noqa: E731
+    x = torch.linspace(-60, 60, 120001)
+    end = saturation_bound(gate, bits) * (1 - 1 / 255)  # an 8-bit input grid with a zero-point ends up to half a step short
+    assert torch.equal(on_grid(x), on_grid(x.clamp(-end, end)))  # nothing the gate tells apart is lost
+    assert not torch.equal(on_grid(x), on_grid(x.clamp(-0.9 * end, 0.9 * end)))  # and the bound is tight
+
+
+def test_a_squeeze_excite_gate_input_is_calibrated_only_as_far_as_the_gate_saturates(fmnist_batch: torch.Tensor) -> None:
+    for name, gate in (("test_efficientnet", nn.Sigmoid()), ("test_mobilenet_v3", nn.Hardsigmoid())):
+        gm = _prepared(name, "ort", "w8a8", fmnist_batch)
+        modules = dict(gm.named_modules())
+        bounded = {n: q for n, q in modules.items() if getattr(q, "saturation", None) is not None}
+        assert bounded and all(q.saturation == saturation_bound(gate, 8) for q in bounded.values()), name
+        assert all(-q.saturation <= float(q.lo) and float(q.hi) <= q.saturation for q in bounded.values()), name
 
 
 def test_parity_judges_the_product_a_squeeze_excite_gate_scales_not_its_pooled_vectors() -> None:

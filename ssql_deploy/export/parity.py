@@ -7,9 +7,11 @@ the same quantizer in PyTorch, in quantization steps (the share of values off by
 more, the largest deviation, and the first layer in graph order where any value differs): the
 per-layer debugging that fake-quant vs engine mismatches otherwise need by hand (TensorRT#4063).
 The export fails when the first layer past rounding ties is the first that differs at all, or jumps
-there from layers within ties: a fault shows where it is, drift grows downstream of the first tie.
+there from layers within ties: a fault shows where it is, drift grows downstream of the first tie;
+and when top-1 agreement is below 99% and below the twin's agreement with itself run in float64.
 """
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +47,20 @@ def first_departure(layers: dict[str, dict[str, float]]) -> str | None:
     return next(
         (name for name, row in layers.items() if not row["pooled"] and row["mismatch_fraction"] > MAX_FIRST_MISMATCH_FRACTION), None
     )
+
+
+def self_agreement_float64(gm: fx.GraphModule, images: Sequence[torch.Tensor], ref_logits: np.ndarray) -> float:
+    """Top-1 agreement of the twin with itself in float64: how far rounding ties alone move this model's top-1.
+
+    A network whose quantized output flips on rounding ties (squeeze-excite gates amplify a one-step change of
+    their pooled vector; a random-init network's logits are nearly equal) cannot agree with another runtime
+    better than with itself summed in another order: a fine-tuned EfficientNet-B0 at w8a8 agreed with itself on
+    93.4% of 1,024 test images and with ONNX Runtime on 98.0%. The per-layer check still catches real faults.
+    """
+    twin = copy.deepcopy(gm).double()
+    with torch.no_grad():
+        logits = np.concatenate([twin(x.double()).numpy() for x in images])
+    return 100.0 * float(np.mean(logits.argmax(1) == ref_logits.argmax(1)))
 
 
 def _torch_outputs(gm: fx.GraphModule, x: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -109,8 +125,10 @@ def check_parity(gm: fx.GraphModule, model: onnx.ModelProto, images: Sequence[to
     worst = max((r["mismatch_fraction"] for r in layers.values()), default=0.0)
     first = next((p for p, r in layers.items() if r["mismatch_fraction"] > 0), None)
     problems = []
-    if agreement < MIN_AGREEMENT:
-        problems.append(f"ONNX Runtime agrees with the PyTorch simulation on only {agreement:.1f}% of calibration images")
+    self_agreement = self_agreement_float64(gm, images, ref_logits) if agreement < MIN_AGREEMENT else None
+    if self_agreement is not None and agreement < self_agreement:
+        problems.append(f"ONNX Runtime agrees with the PyTorch simulation on only {agreement:.1f}% of calibration images "
+                        f"(the simulation agrees with itself in float64 on {self_agreement:.1f}%)")  # fmt: skip
     departure = first_departure(layers)
     if departure is not None and (departure == first or layers[departure]["mismatch_fraction"] > FAULT_JUMP * MAX_FIRST_MISMATCH_FRACTION):
         problems.append(f"{100 * layers[departure]['mismatch_fraction']:.3f}% of the values of {departure} differ from the simulation while "
@@ -118,6 +136,7 @@ def check_parity(gm: fx.GraphModule, model: onnx.ModelProto, images: Sequence[to
     return {
         "images": int(sum(len(x) for x in images)),
         "top1_agreement": agreement,
+        "self_agreement_float64": self_agreement,
         "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
         "max_step_deviation": max((r["max_steps"] for r in layers.values()), default=0.0),
         "max_mismatch_fraction": worst,

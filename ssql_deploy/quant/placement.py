@@ -24,7 +24,7 @@ from ssql_deploy.models.registry import ModelSpec
 from ssql_deploy.quant.bits import BitSpec
 from ssql_deploy.quant.config import QuantConfig, Resolved, resolve
 from ssql_deploy.quant.fold import fold_batchnorm
-from ssql_deploy.quant.gates import GATED, GatedActivation
+from ssql_deploy.quant.gates import GATED, SATURATING, GatedActivation, saturation_bound
 from ssql_deploy.quant.layouts import LAYOUTS, Layout
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, WeightQuantizer
 
@@ -217,6 +217,7 @@ def prepare(model: nn.Module, layout: Layout, config: QuantConfig | BitSpec, spe
         node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
     if layout == "ort":
         _link_bias_quantization(gm)
+    _bound_gate_inputs(gm, {p.node: p for p in points})
     if LAYOUTS[layout].integer_gates:
         for node in gm.graph.nodes:
             if _is(gm, node, GATED) and not _in_head(str(node.target), head):
@@ -229,6 +230,17 @@ def prepare(model: nn.Module, layout: Layout, config: QuantConfig | BitSpec, spe
     gm.quant_points = {p.node: p for p in points}  # type: ignore[assignment]
     gm.quant_weights = weights  # type: ignore[assignment]
     return gm
+
+
+def _bound_gate_inputs(gm: fx.GraphModule, points: dict[str, ActPoint]) -> None:
+    """Stop the range of a quantizer read only by a quantized Sigmoid or Hardsigmoid where that gate saturates."""
+    for node in gm.graph.nodes:
+        quantizer = _module(gm, node)
+        if not isinstance(quantizer, ActQuantizer) or not node.users:
+            continue
+        gates = [user for user in node.users if _is(gm, user, SATURATING) and user.name in points]
+        if len(gates) == len(node.users):
+            quantizer.saturation = max(saturation_bound(_module(gm, g), points[g.name].bits) for g in gates)  # type: ignore[arg-type]
 
 
 def _link_bias_quantization(gm: fx.GraphModule) -> None:

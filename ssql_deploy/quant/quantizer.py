@@ -233,12 +233,15 @@ class ActQuantizer(nn.Module):
         self.step: nn.Parameter | None = None
         self.drop_prob = 0.0  # QDrop, during reconstruction only: the share of values passed on unquantized
         self.drop_generator: torch.Generator | None = None
+        self.saturation: float | None = None  # set when a saturating gate alone reads it (gates.saturation_bound)
 
     def reset_range(self) -> None:
         self.lo.fill_(math.inf)
         self.hi.fill_(-math.inf)
 
     def set_range(self, lo: float, hi: float) -> None:
+        if self.saturation is not None:  # values past it all give the gate's end value: no need to tell them apart
+            lo, hi = max(lo, -self.saturation), min(hi, self.saturation)
         self.lo.fill_(lo)
         self.hi.fill_(hi)
 
