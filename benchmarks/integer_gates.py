@@ -8,7 +8,8 @@ random init on all 60,000 Fashion-MNIST training images (1 epoch, batch 128, SGD
 quantized once at w8a8 (percentile calibrator, 1,000 images), and that one artifact is exported twice for ONNX
 Runtime (symmetric kernel): "integer gates" is `export` as shipped; "float gates" is the same command with
 `integer_gates` switched off in the `ort` layout's rules, which is what the `ort` layout wrote before. For each:
-- the export's parity check (status, top-1 agreement with the PyTorch twin on the calibration images);
+- the export's parity check (status, top-1 agreement with the PyTorch twin on the calibration images, and the
+  twin's agreement with itself in float64 where the first is below 99%);
 - top-1 of the FP32 ONNX and of both QDQ ONNX models in an ONNX Runtime session on all 10,000 test images;
 - the ops ONNX Runtime's optimized graph leaves in float outside the classification head;
 - latency of the three, side by side: 2 threads, batch 1 and 32, 10 warm-up runs, then 300 (batch 1) or 60
@@ -73,6 +74,7 @@ def export(quant: Path, out: Path, float_gates: bool) -> dict:
         op: info["count"] for op, info in integer_conv_report(onnx.load(str(path)))["float_ops"].items() if info["why"] != HEAD_WHY
     }
     return {"onnx": str(path.relative_to(ROOT)), "export_status": metrics["status"], "parity_agreement": metrics["parity"]["top1_agreement"],
+            "parity_self_agreement_float64": metrics["parity"]["self_agreement_float64"],
             "top1": ort_top1(path), "float_ops_outside_head": float_ops}  # fmt: skip
 
 
