@@ -10,10 +10,9 @@ The gate's range is fixed, so nothing is calibrated; the PyTorch twin computes t
 gate, so the export's parity check holds; the price is the gate's rounding, at most |x| / 510.
 
 A squeeze-excite gate (a Sigmoid or Hardsigmoid alone) needs its input quantized in the `ort` layout
-(the conv before it runs as QLinearConv). Calibrated, that range spans every pre-gate value seen,
-often hundreds wide, so one step of it moved the gate by up to 109 of its 255 levels on a fine-tuned
-EfficientNet-B0 and rounding ties grew into top-1 flips. Past `saturation_bound` the gate gives its
-end value on its own grid anyway, so the input range stops there at no cost.
+(the conv before it runs as QLinearConv). Calibrated, that range spans every pre-gate value seen, so
+its steps are coarse exactly where the gate is steep. Past `saturation_bound` the gate gives its end
+value on its own grid anyway, so the input range stops there at no cost and its steps get finer.
 """
 
 import math
