@@ -58,7 +58,7 @@ def test_every_bit_width_pair_exports_and_matches_pytorch(engine: str, trained: 
             assert -bound <= values.min() and values.max() <= bound, (w, name)
 
 
-def test_a_trained_twin_agrees_with_itself_in_float64_so_the_99_percent_gate_holds(
+def test_a_trained_twin_agrees_with_itself_in_float64_so_the_99_percent_gate_holds_and_catches_a_head_fault(
     trained: tuple[torch.nn.Module, list[torch.Tensor]],
 ) -> None:
     # The gate relaxes to the twin's own float64 agreement only for models whose top-1 flips on rounding ties.
@@ -68,6 +68,16 @@ def test_a_trained_twin_agrees_with_itself_in_float64_so_the_99_percent_gate_hol
     with torch.no_grad():
         logits = np.concatenate([gm(x).numpy() for x in images])
     assert self_agreement_float64(gm, images, logits) >= MIN_AGREEMENT
+    # so a fault the per-layer view cannot see (the float head's bias) still fails the export on agreement alone
+    model_onnx = build_onnx(gm, (3, 32, 32), "ort")
+    gemm = next(n for n in model_onnx.graph.node if n.op_type == "Gemm")
+    bias = next(t for t in model_onnx.graph.initializer if t.name == gemm.input[2])
+    shifted = onnx.numpy_helper.to_array(bias).copy()
+    shifted[0] += 100.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(shifted, bias.name))
+    parity = check_parity(gm, model_onnx, images)
+    assert parity["first_departure"] is None and parity["self_agreement_float64"] >= MIN_AGREEMENT
+    assert any("agrees with itself in float64" in p for p in parity["problems"]), parity["problems"]
 
 
 @pytest.mark.parametrize("zero_point", [0, -1])

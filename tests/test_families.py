@@ -51,7 +51,6 @@ def test_a_gated_activation_costs_at_most_half_a_gate_step_of_x(activation: nn.M
     gated = GatedActivation(activation)(x)
     error = (gated - activation(x)).abs()
     assert bool((error <= x.abs() / 510 + 1e-6).all()) and float(error.max()) > 0  # rounded, within |x| / 510
-    assert GatedActivation(activation)(torch.tensor([-8.0, 0.0, 8.0])).tolist()[1] == 0.0
 
 
 @pytest.mark.parametrize("gate, bits", [(nn.Sigmoid(), 8), (nn.Sigmoid(), 4), (nn.Hardsigmoid(), 8)])
@@ -70,7 +69,9 @@ def test_a_squeeze_excite_gate_input_is_calibrated_only_as_far_as_the_gate_satur
         modules = dict(gm.named_modules())
         bounded = {n: q for n, q in modules.items() if getattr(q, "saturation", None) is not None}
         assert bounded and all(q.saturation == saturation_bound(gate, 8) for q in bounded.values()), name
-        assert all(-q.saturation <= float(q.lo) and float(q.hi) <= q.saturation for q in bounded.values()), name
+        for q in bounded.values():
+            q.set_range(-1e3, 1e3)  # what a calibrator finds before a saturating gate: far past where it saturates
+            assert (float(q.lo), float(q.hi)) == pytest.approx((-q.saturation, q.saturation)), name
 
 
 def test_parity_judges_the_product_a_squeeze_excite_gate_scales_not_its_pooled_vectors() -> None:
