@@ -28,8 +28,11 @@ data:
 demo: setup data
 	$(PY) -m ssql_deploy run recipes/pipelines/quickstart.yaml
 
+# One pytest worker per core; a test file stays on one worker so its module fixtures are built once.
+TEST_WORKERS ?= auto
+
 test: setup data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf runs .pytest_cache

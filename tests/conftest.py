@@ -26,8 +26,11 @@ def fmnist_root() -> Path:
 
 
 # Tiny test networks run faster on one thread: two OpenMP threads on a shared 2-core machine spend
-# their time spin-waiting on each other. Tests check behaviour, not speed.
+# their time spin-waiting on each other. Tests check behaviour, not speed. `make test` runs one pytest
+# worker per core (pytest-xdist), so each worker's in-process tests take one thread too.
 _ENV = {"OMP_NUM_THREADS": "1"}
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def _run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
