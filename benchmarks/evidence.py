@@ -63,3 +63,10 @@ def resummarize(output: Path, key: str, differences: Callable[[dict], dict]) -> 
     differences quoted change, or part of the benchmark was measured again."""
     result = json.loads(output.read_text())
     output.write_text(json.dumps(result | {key: differences(result)}, indent=2) + "\n")
+
+
+def cpu() -> str:
+    """The CPU model and whether it has the INT8 instructions ONNX Runtime's integer kernels use."""
+    flags = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "unknown")
+    return f"{name}, AMX-INT8: {'amx_int8' in flags}, VNNI: {'avx512_vnni' in flags or 'avx_vnni' in flags}"

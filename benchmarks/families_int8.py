@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
-from evidence import ort_top1, run_logged  # noqa: E402
+from evidence import cpu, ort_top1, run_logged  # noqa: E402
 
 from ssql_deploy.bench.runners import OrtRunner  # noqa: E402
 from ssql_deploy.bench.timing import interleaved, paired_speedup  # noqa: E402
@@ -114,12 +114,6 @@ def measure(arch: str) -> tuple[dict, dict[str, Path]]:
             "finetune_wall_s": manifest["metrics"].get("wall_seconds_this_session")}, timed  # fmt: skip
 
 
-def _cpu() -> str:
-    flags = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "unknown")
-    return f"{name}, AMX-INT8: {'amx_int8' in flags}, VNNI: {'avx512_vnni' in flags or 'avx_vnni' in flags}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-only", action="store_true")
@@ -140,7 +134,7 @@ def main() -> None:
     for arch in args.archs:
         models[arch]["latency"] = timing(timed[arch])
     result = {"benchmark": "families_int8", "measured_on": "exported ONNX in ONNX Runtime (CPU, 2 threads), all 10k test images",
-              "finetune": " ".join(FINETUNE), "cpu": _cpu(), "models": models}  # fmt: skip
+              "finetune": " ".join(FINETUNE), "cpu": cpu(), "models": models}  # fmt: skip
     (RESULTS / "families_int8.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
