@@ -58,6 +58,12 @@ def run_logged(log: Path, *args: str | Path) -> float:
     return round(time.time() - start, 1)
 
 
+def stamp(log: Path, stage: str) -> None:
+    """Mark in `log` where a stage of a benchmark run starts, so a log appended to by several runs reads in order."""
+    with log.open("a") as f:
+        f.write(f"# {stage}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+
 def resummarize(output: Path, key: str, differences: Callable[[dict], dict]) -> None:
     """Recompute the differences `output` holds under `key` from the figures it holds, measuring nothing: for when the
     differences quoted change, or part of the benchmark was measured again."""

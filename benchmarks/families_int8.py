@@ -24,14 +24,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
-from evidence import cpu, ort_top1, run_logged  # noqa: E402
+from evidence import cpu, ort_top1, run_logged, stamp  # noqa: E402
 
 from ssql_deploy.bench.runners import OrtRunner  # noqa: E402
 from ssql_deploy.bench.timing import interleaved, paired_speedup  # noqa: E402
@@ -124,13 +123,11 @@ def main() -> None:
         for arch in args.archs:
             finetune(arch)
         return
-    with LOG.open("a") as f:
-        f.write(f"# measurement run, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    stamp(LOG, "measurement run")
     models, timed = {}, {}
     for arch in args.archs:  # accuracy first, then every timing, so the timings run in one quiet stretch
         models[arch], timed[arch] = measure(arch)
-    with LOG.open("a") as f:
-        f.write(f"# timing, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    stamp(LOG, "timing")
     for arch in args.archs:
         models[arch]["latency"] = timing(timed[arch])
     result = {"benchmark": "families_int8", "measured_on": "exported ONNX in ONNX Runtime (CPU, 2 threads), all 10k test images",

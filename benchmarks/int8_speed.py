@@ -21,14 +21,13 @@ Writes benchmarks/results/int8_speed.json and .log. Nothing else may run on the 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
-from evidence import cpu, run_logged  # noqa: E402
+from evidence import cpu, run_logged, stamp  # noqa: E402
 
 from ssql_deploy.bench.runners import OrtRunner  # noqa: E402
 from ssql_deploy.bench.timing import interleaved, paired_speedup  # noqa: E402
@@ -74,13 +73,11 @@ def timing(paths: dict[str, Path], threads: int) -> dict:
 
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with LOG.open("a") as f:
-        f.write(f"# measurement run, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    stamp(LOG, "measurement run")
     models, paths = {}, {}
     for arch in ARCHS:  # every artifact first, then every timing, so the timings run in one quiet stretch
         models[arch], paths[arch] = artifacts(arch)
-    with LOG.open("a") as f:
-        f.write(f"# timing, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    stamp(LOG, "timing")
     for arch in ARCHS:
         models[arch]["latency"] = {f"{threads} threads": timing(paths[arch], threads) for threads in (2, 1)}
         for threads, batches in models[arch]["latency"].items():

@@ -24,14 +24,13 @@ Writes benchmarks/results/integer_gates.json and .log. Nothing else may run on t
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
-from evidence import ort_top1, run_logged  # noqa: E402
+from evidence import ort_top1, run_logged, stamp  # noqa: E402
 
 from ssql_deploy.bench.runners import OrtRunner  # noqa: E402
 from ssql_deploy.bench.timing import interleaved, paired_speedup  # noqa: E402
@@ -105,13 +104,11 @@ def timing(paths: dict[str, Path]) -> dict:
 
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with LOG.open("a") as f:
-        f.write(f"# measurement run, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    stamp(LOG, "measurement run")
     models, timed = {}, {}
     for arch in ARCHS:  # accuracy first, then every timing, so the timings run in one quiet stretch
         models[arch], timed[arch] = measure(arch)
-    with LOG.open("a") as f:
-        f.write(f"# timing, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    stamp(LOG, "timing")
     for arch in ARCHS:
         models[arch]["latency"] = timing(timed[arch])
         for batch, rows in models[arch]["latency"].items():
