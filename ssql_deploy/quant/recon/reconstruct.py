@@ -74,14 +74,19 @@ def _float(gm: fx.GraphModule) -> Iterator[None]:
 
 
 @torch.no_grad()
-def node_values(gm: fx.GraphModule, node: fx.Node, images: torch.Tensor, quantized: bool) -> torch.Tensor:
-    """The value of `node` for every image, from the quantized model as it stands or from the float one."""
-    prefix = value_module(gm, node).eval()
-    run = lambda: torch.cat([prefix(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)])  # noqa: E731
+def _through(gm: fx.GraphModule, module: fx.GraphModule, values: torch.Tensor, quantized: bool) -> torch.Tensor:
+    """`module` (a part of `gm`) run on `values` in chunks, with `gm`'s quantizers as they stand or all off."""
+    module.eval()
+    run = lambda: torch.cat([module(values[i : i + CHUNK]) for i in range(0, len(values), CHUNK)])  # noqa: E731
     if quantized:
         return run()
     with _float(gm):
         return run()
+
+
+def node_values(gm: fx.GraphModule, node: fx.Node, images: torch.Tensor, quantized: bool) -> torch.Tensor:
+    """The value of `node` for every image, from the quantized model as it stands or from the float one."""
+    return _through(gm, value_module(gm, node), images, quantized)
 
 
 def _unit_quantizers(gm: fx.GraphModule, unit: Unit) -> list[ActQuantizer]:
@@ -163,6 +168,10 @@ def reconstruct(gm: fx.GraphModule, images: list[torch.Tensor], settings: ReconS
     for p in trainable:
         p.requires_grad_(False)  # only the rounding variables (and activation steps) learn
     report = []
+    # The unit before, its quantized inputs and its float outputs. A unit that starts where it ends gets its
+    # inputs by running that unit alone, not the whole network up to it: on a deep MobileNet, running every
+    # prefix again cost more than the optimisation itself.
+    previous: tuple[Unit, torch.Tensor, torch.Tensor] | None = None
     try:
         with progress_bar() as bar:
             for unit in units:
@@ -171,10 +180,15 @@ def reconstruct(gm: fx.GraphModule, images: list[torch.Tensor], settings: ReconS
                 def advance(loss: float, task: Any = task, name: str = unit.name) -> None:
                     bar.update(task, advance=1, description=f"{settings.method} {name} (loss {loss:.4g})")
 
-                inputs = node_values(gm, unit.entry, data, quantized=True)
-                float_inputs = node_values(gm, unit.entry, data, quantized=False) if settings.method == "qdrop" else None
-                targets = node_values(gm, unit.exit, data, quantized=False)
-                report.append(_fit(gm, unit, inputs, float_inputs, targets, settings, generator, advance))
+                if previous is not None and unit.entry is previous[0].exit:
+                    inputs, float_inputs = _through(gm, unit_module(gm, previous[0]), previous[1], quantized=True), previous[2]
+                else:
+                    inputs, float_inputs = (node_values(gm, unit.entry, data, quantized=q) for q in (True, False))
+                targets = _through(gm, unit_module(gm, unit), float_inputs, quantized=False)
+                report.append(
+                    _fit(gm, unit, inputs, float_inputs if settings.method == "qdrop" else None, targets, settings, generator, advance)
+                )
+                previous = (unit, inputs, targets)
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
