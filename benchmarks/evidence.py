@@ -58,6 +58,21 @@ def run_logged(log: Path, *args: str | Path) -> float:
     return round(time.time() - start, 1)
 
 
+def export_ort(log: Path, source: Path, bits: str, kernel: str, out: Path | None = None) -> tuple[Path, dict]:
+    """`ssql-deploy export` for ONNX Runtime unless an earlier run got this far; the QDQ ONNX and its manifest's metrics.
+
+    An export whose parity check fails (exit 1) keeps its artifact and records the failure in the manifest: the
+    benchmarks measure it all the same, with its status.
+    """
+    directory = (out or source) / f"export/{bits}-ort"
+    if not (directory / "manifest.json").is_file():
+        try:
+            run_logged(log, "export", source, "--bits", bits, "--engine", "ort", "--ort-kernel", kernel, *(["--out", out] if out else []))
+        except subprocess.CalledProcessError:
+            pass  # exit 1: a failed check, written down in the manifest read below
+    return directory / "model.qdq.onnx", json.loads((directory / "manifest.json").read_text())["metrics"]
+
+
 def stamp(log: Path, stage: str) -> None:
     """Mark in `log` where a stage of a benchmark run starts, so a log appended to by several runs reads in order."""
     with log.open("a") as f:

@@ -22,7 +22,6 @@ Writes benchmarks/results/families_int8.json and .log. Nothing else may run on t
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
-from evidence import cpu, ort_top1, run_logged, stamp  # noqa: E402
+from evidence import cpu, export_ort, ort_top1, run_logged, stamp  # noqa: E402
 
 from ssql_deploy.bench.runners import OrtRunner  # noqa: E402
 from ssql_deploy.bench.timing import interleaved, paired_speedup  # noqa: E402
@@ -58,30 +57,17 @@ def finetune(arch: str) -> Path:
     return run
 
 
-def _export(source: Path, bits: str, kernel: str, out: Path | None = None) -> tuple[Path, str]:
-    """Export for ONNX Runtime; an export whose parity check fails is still measured, with its status recorded."""
-    export_dir = (out or source) / f"export/{bits}-ort"
-    if not (export_dir / "manifest.json").is_file():  # reused when an earlier run of this script got this far
-        try:
-            cli("export", source, "--bits", bits, "--engine", "ort", "--ort-kernel", kernel, *(["--out", out] if out else []))
-        except subprocess.CalledProcessError:
-            pass  # exit 1: a failed check, written down in the manifest read below
-    status = json.loads((export_dir / "manifest.json").read_text())["metrics"]["status"]
-    return export_dir / "model.qdq.onnx", status
-
-
 def quantize_export(run: Path, arch: str, bits: str, calib: str, kernel: str = "symmetric") -> dict:
     out = RUNS / f"{arch}-{calib}"
     # the simulated top-1 quantize prints is not reported here (every figure is the ONNX artifact's): 1,000 images suffice
     seconds = None  # wall time of quantize; None when reused from an earlier run of this script
     if not (out / f"quant/{bits}/manifest.json").is_file():
         seconds = cli("quantize", run, "--bits", bits, "--calib", calib, "--subset", "1000", "--workers", "1", "--out", out)
-    path, status = _export(out, bits, kernel)
-    parity = json.loads((path.parent / "manifest.json").read_text())["metrics"]["parity"]
+    path, metrics = export_ort(LOG, out, bits, kernel)
     kernels = integer_conv_report(onnx.load(str(path)))
     return {"top1": ort_top1(path), "quantize_s": seconds, "integer_convs": kernels["integer_convs"], "convs": kernels["convs"],
             "float_ops": {op: {k: v for k, v in info.items() if k != "nodes"} for op, info in kernels["float_ops"].items()},
-            "export_status": status, "parity_agreement": parity["top1_agreement"], "onnx": str(path.relative_to(ROOT))}  # fmt: skip
+            "export_status": metrics["status"], "parity_agreement": metrics["parity"]["top1_agreement"], "onnx": str(path.relative_to(ROOT))}  # fmt: skip
 
 
 def timing(paths: dict[str, Path]) -> dict:
@@ -103,7 +89,7 @@ def measure(arch: str) -> tuple[dict, dict[str, Path]]:
         rows[bits] = {calib: quantize_export(run, arch, bits, calib) for calib in CALIBRATORS}
     fp32_path = RUNS / f"{arch}-percentile/export/fp32/model.onnx"
     gemm = RUNS / f"{arch}-percentile-gemm"
-    _export(RUNS / f"{arch}-percentile", "w8a8", "gemm", gemm)
+    export_ort(LOG, RUNS / f"{arch}-percentile", "w8a8", "gemm", gemm)
     best = {bits: max(r, key=lambda c, r=r: r[c]["top1"]) for bits, r in rows.items()}
     timed = {"fp32": fp32_path, "w8a8": ROOT / rows["w8a8"]["percentile"]["onnx"], "w8a8-gemm": gemm / "export/w8a8-ort/model.qdq.onnx"}
     timed |= {bits: ROOT / rows[bits][best[bits]]["onnx"] for bits in LOW_BITS}
