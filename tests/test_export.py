@@ -98,11 +98,13 @@ def test_a_channel_whose_weights_all_round_to_zero_keeps_its_bias_on_the_int32_g
         conv.bias[3] = 0.5
     assert conv.weight_quantizer.integers(conv.weight)[3].abs().sum() == 0
     scale = conv.bias_scale()
-    assert scale is not None and scale[3] == scale[torch.arange(len(scale)) != 3].median()
+    assert scale is not None
+    ordinary = float(np.median(np.delete(scale.numpy(), 3)))  # the bias grid of the layer's other channels
+    assert abs(float(torch.round(conv.bias[3].detach() / scale[3]) * scale[3]) - 0.5) <= ordinary / 2  # in the simulation
     exported = build_onnx(gm, (3, 32, 32), "ort")
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in exported.graph.initializer}
     bias = inits[f"{node.name}_bias_int"].astype(np.float64) * inits[f"{node.name}_bias_scale"]
-    assert abs(bias[3] - 0.5) <= inits[f"{node.name}_bias_scale"][3]
+    assert abs(bias[3] - 0.5) <= ordinary / 2  # in the artifact
     parity = check_parity(gm, exported, images)
     assert parity["passed"] and parity["top1_agreement"] >= 99.0
 
