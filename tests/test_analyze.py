@@ -214,6 +214,10 @@ def test_debug_finds_the_layer_where_a_planted_fault_makes_the_artifact_depart(d
     assert broken.returncode == 0, broken.stderr
     found = json.loads((faulty / "debug/debug.json").read_text())
     assert found["first_departure"] == "layer2_0_relu" and found["problems"] and report["first_departure"] is None
+    # downstream, the fault's values drift far past ties, but each layer given the graph's own inputs computes alike
+    after = list(found["layers"])[list(found["layers"]).index("layer2_0_relu") + 1 :]
+    assert max(found["layers"][k]["mismatch_fraction"] for k in after) > 0.01
+    assert all(found["layers"][k]["local_mismatch_fraction"] <= 0.001 for k in after), found["layers"]
     assert_user_error(cli("debug", deployed / "export/fp32"), "FP32 baseline")
     assert_user_error(cli("debug", tmp_path / "nothing"), "not an exported model")
 

@@ -12,7 +12,7 @@ from conftest import CliRun, assert_user_error, without_zero_init
 
 from ssql_deploy.export.onnx_graph import build_onnx
 from ssql_deploy.export.ort_session import integer_conv_report, make_session
-from ssql_deploy.export.parity import MAX_FIRST_MISMATCH_FRACTION, MIN_AGREEMENT, check_parity, self_agreement_float64
+from ssql_deploy.export.parity import MAX_LOCAL_MISMATCH_FRACTION, MIN_AGREEMENT, check_parity, self_agreement_float64
 from ssql_deploy.export.trt_rules import check_trt_qdq
 from ssql_deploy.models import create_model
 from ssql_deploy.models.trained import load_trained
@@ -43,13 +43,15 @@ def test_every_bit_width_pair_exports_and_matches_pytorch(engine: str, trained: 
         assert exported.opset_import[0].version >= 17
         assert exported.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
         parity = check_parity(gm, exported, images)
-        assert parity["passed"] and parity["top1_agreement"] >= 99.0, (w, a, parity["top1_agreement"])
+        assert parity["passed"] and parity["top1_agreement"] >= 99.0, (w, a, parity["top1_agreement"], parity["problems"])
         # Both sides quantize x / scale with ties to even: divergence starts as isolated flips where float accumulation
-        # order crosses a rounding boundary, and on this 4-block network it stays under 1% of any layer's values.
+        # order crosses a rounding boundary, and on this 4-block network it stays under 1% of any layer's values;
+        # given the same inputs, no layer differs beyond ties.
         layers = parity["per_layer"]
         first = parity["first_mismatch"]
         assert first == next((k for k, v in layers.items() if v["mismatch_fraction"] > 0), None)
-        assert first is None or layers[first]["mismatch_fraction"] <= MAX_FIRST_MISMATCH_FRACTION, (w, a, layers)
+        assert first is None or layers[first]["mismatch_fraction"] <= MAX_LOCAL_MISMATCH_FRACTION, (w, a, layers)
+        assert all(v["local_mismatch_fraction"] <= MAX_LOCAL_MISMATCH_FRACTION for v in layers.values()), (w, a, layers)
         assert max(layer["mismatch_fraction"] for layer in layers.values()) == parity["max_mismatch_fraction"] <= 0.01, (w, a, layers)
         if engine == "trt":
             assert check_trt_qdq(exported) == [], (w, a)
@@ -110,6 +112,31 @@ def test_a_channel_whose_weights_all_round_to_zero_keeps_its_bias_on_the_int32_g
 
 
 @pytest.mark.parametrize("zero_point", [0, -1])
+def test_a_conv_whose_pair_sums_could_pass_16_bits_stores_uint8_weights_and_the_optimized_session_stays_exact(
+    zero_point: int, trained: tuple[torch.nn.Module, list[torch.Tensor]]
+) -> None:
+    # ORT's uint8 x int8 kernels without VNNI add products in pairs on 16 bits: 255 x 127 twice saturates. On such a CPU
+    # (this project's CI machine: AVX2) int8 weights made the fused session of a w8a8 ResNet disagree with its plain Q/DQ
+    # semantics on about 15% of images; on a VNNI CPU both containers pass.
+    model, images = trained
+    for bits, wide in (("w8a8", None), ("w4a4", {"conv1"})):  # at w4a4 only the stem reads 8-bit values (the image)
+        gm = prepare(model, "ort", BitSpec.parse(bits))
+        calibrate(gm, images, "minmax")
+        exported = build_onnx(gm, (3, 32, 32), "ort", weight_zero_point=zero_point)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in exported.graph.initializer}
+        weights = {k.removesuffix("_weight_int"): v for k, v in inits.items() if k.endswith("_weight_int")}
+        as_uint8 = {k for k, v in weights.items() if v.dtype == np.uint8}
+        assert as_uint8 == (wide or set(weights)), (bits, as_uint8)
+        assert all((inits[f"{k}_weight_zero_point"] == 128).all() and weights[k].min() >= 1 for k in as_uint8)
+        report = integer_conv_report(exported)
+        assert report["integer_convs"] == report["convs"] == len(weights), report
+        x = images[0].numpy()
+        plain = make_session(exported.SerializeToString(), optimize=False).run(None, {"input": x})[0]
+        fused = make_session(exported.SerializeToString()).run(None, {"input": x})[0]
+        assert (plain.argmax(1) == fused.argmax(1)).all() and np.abs(plain - fused).max() < 0.05, (bits, np.abs(plain - fused).max())
+
+
+@pytest.mark.parametrize("zero_point", [0, -1])
 @pytest.mark.parametrize("stem, size", [("cifar", 32), ("imagenet", 64)])
 def test_ort_runs_every_conv_as_an_integer_kernel(zero_point: int, stem: str, size: int) -> None:
     torch.manual_seed(0)
@@ -149,15 +176,20 @@ def test_cli_quantize_export_bench_gate(tiny_run: Path, tmp_path: Path, cli: Cli
     assert any("re-expressed as signed int8" in n for n in export["metrics"]["notes"])
     assert export["metrics"]["parity"]["top1_agreement"] >= 99 and export["metrics"]["kernel_choice"] is None  # one kernel in trt
 
-    # --ort-kernel auto timed both of ORT's integer paths on this machine and shipped the faster
-    ort_metrics = json.loads((run / "export/w8a8-ort/manifest.json").read_text())["metrics"]
+    # --ort-kernel auto timed both of ORT's integer paths on this machine and shipped the faster; only the stem, reading
+    # the 8-bit image with 8-bit weights, keeps its uint8 weights (zero-point 128) whichever is chosen
+    assert cli("export", run, "--bits", "w4a4", "--engine", "ort").returncode == 0
+    ort_metrics = json.loads((run / "export/w4a4-ort/manifest.json").read_text())["metrics"]
     choice = ort_metrics["kernel_choice"]
     assert set(choice["p50_ms"]) == {"symmetric", "gemm"} and all(set(t) == {"1", "32"} for t in choice["p50_ms"].values())
     assert choice["chosen"] == min(choice["p50_ms"], key=lambda k: choice["p50_ms"][k]["1"] * choice["p50_ms"][k]["32"])
-    shipped = onnx.load(str(run / "export/w8a8-ort/model.qdq.onnx"))
-    zero_points = {int(onnx.numpy_helper.to_array(t).flat[0]) for t in shipped.graph.initializer if t.name.endswith("_weight_zero_point")}
+    shipped = onnx.load(str(run / "export/w4a4-ort/model.qdq.onnx"))
+    zero_points = {
+        t.name: int(onnx.numpy_helper.to_array(t).flat[0]) for t in shipped.graph.initializer if t.name.endswith("_weight_zero_point")
+    }
+    assert zero_points.pop("conv1_weight_zero_point") == 128
     assert (
-        zero_points
+        set(zero_points.values())
         == {choice["weight_zero_point"]}
         == {ort_metrics["weight_zero_point"]}
         == {{"symmetric": 0, "gemm": -1}[choice["chosen"]]}

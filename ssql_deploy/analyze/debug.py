@@ -77,10 +77,13 @@ def run_debug(path: Path, images: int, out: Path | None, data_root: Path | None 
 def _plot(result: dict[str, Any], path: Path) -> None:
     names = list(result["layers"])
     fractions = [100 * result["layers"][n]["mismatch_fraction"] for n in names]
+    local = [100 * result["layers"][n]["local_mismatch_fraction"] for n in names]
     steps = [result["layers"][n]["max_steps"] for n in names]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.22 * len(names) + 3), 7), sharex=True)
-    top.bar(range(len(names)), fractions, color="tab:red")
+    top.bar(range(len(names)), fractions, color="tab:red", label="free running (drift included)")
+    top.bar(range(len(names)), local, color="black", width=0.4, label="given the same inputs (judged)")
     top.set_ylabel("values off by >= 0.5 step (%)")
+    top.legend(fontsize=8)
     top.set_title(f"{Path(result['artifact']).parent.name}: ONNX Runtime vs PyTorch twin on {result['images']} test images "
                   f"(top-1 agreement {result['top1_agreement']:.1f}%)")  # fmt: skip
     bottom.bar(range(len(names)), steps, color="tab:blue")

@@ -71,11 +71,13 @@ def debug_cmd(
     result = run_debug(artifact, images, out, data_root)
     table = Table(title=f"{result['artifact']} vs its PyTorch twin, {result['images']} test images: top-1 agreement "
                         f"{result['top1_agreement']:.2f}%, first layer beyond rounding ties: {result['first_departure'] or 'none'}")  # fmt: skip
-    for column in ("layer (activation, graph order)", "values off >= 0.5 step", "largest deviation (steps)"):
+    for column in ("layer (activation, graph order)", "values off >= 0.5 step", "given the same inputs", "largest deviation (steps)"):
         table.add_column(column, justify="left" if column.startswith("layer") else "right")
     for name, row in result["layers"].items():
         mark = " <- departs here" if name == result["first_departure"] else " <- first tie" if name == result["first_mismatch"] else ""
-        table.add_row(name + mark, f"{100 * row['mismatch_fraction']:.4f}%", f"{row['max_steps']:g}")
+        table.add_row(
+            name + mark, f"{100 * row['mismatch_fraction']:.4f}%", f"{100 * row['local_mismatch_fraction']:.4f}%", f"{row['max_steps']:g}"
+        )
     results.print(table)
     results.print(f"integer convolutions: {result['integer_convs']} of {result['convs']}")
     for op, info in result["float_ops"].items():

@@ -44,6 +44,12 @@ def _openvino(model: onnx.ModelProto, threads: int) -> EngineCheck:
     notes = []
     if runner.int8_convs < runner.convs:
         notes.append(f"{runner.convs - runner.int8_convs} of {runner.convs} convolutions stay float in OpenVINO")
+    wide = [t.name.removesuffix("_weight_int") for t in model.graph.initializer
+            if t.name.endswith("_weight_int") and t.data_type == onnx.TensorProto.UINT8]  # fmt: skip
+    if wide:  # OpenVINO fuses only int8 weights; these are uint8 so that no CPU saturates on them (onnx_graph.py)
+        notes.append(f"{len(wide)} convolutions ({', '.join(wide[:4])}{', ...' if len(wide) > 4 else ''}) read 8-bit activations with "
+                     "weights beyond +-64, whose int8 products saturate on CPUs without VNNI; their weights are uint8, which "
+                     "OpenVINO runs in float: 7-bit weights for them (--layer-bits 'MODULE=w7') keep them int8 and exact")  # fmt: skip
     return EngineCheck({"openvino_int8_convs": runner.int8_convs, "convs": runner.convs, "openvino": runner.detail}, notes=notes)
 
 

@@ -11,6 +11,7 @@ low-bit Clip goes, int32 biases, integer pooling) is read from its `LayoutRules`
 Weights may carry zero-point -1 where the layout allows it (integers shifted by one, exact thanks to
 the narrow weight range): ONNX Runtime then runs QLinearConv through its QGEMM path, which uses AMX
 where the CPU has it, instead of the VNNI symmetric-conv kernel that a zero-point of 0 selects.
+A conv whose 16-bit pair sums could saturate on a CPU without VNNI gets uint8 weights (`weight_container`).
 """
 
 import operator
@@ -45,6 +46,7 @@ class _QInfo:
     scale: str
     zero_point: str
     scale_value: float
+    top: int  # the largest uint8 it holds, 0 in an int8 container (see `weight_container`)
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ class _Emitter:
             bounds = [self.const(f"{base}_int_{k}", np.array(v, dtype)) for k, v in (("min", p.qmin), ("max", p.qmax))]
             qname = self.op("Clip", [qname, *bounds], f"{base}_qclip")
         dq = self.op("DequantizeLinear", [qname, scale_name, zp_name], f"{base}_dq")
-        return _Value(dq, _QInfo(qname, scale_name, zp_name, scale))
+        return _Value(dq, _QInfo(qname, scale_name, zp_name, scale, p.qmax if dtype == np.uint8 else 0))
 
     def conv(self, node: fx.Node, m: nn.Conv2d, x: _Value) -> _Value:
         weight = m.weight.detach().float()
@@ -274,7 +276,7 @@ class _Emitter:
             live = gain.abs() > 1e-12
             scale[live] = scale[live] * gain[live].abs()
             ints = ints * torch.where(live, gain.sign(), torch.zeros_like(gain)).reshape(-1, 1, 1, 1)
-            inputs.append(self.dequantized_weight(ints, scale, base))
+            inputs.append(self.dequantized_weight(ints, scale, base, self.weight_container(ints, x.q)))
             if self.rules.int32_bias and x.q is not None:
                 inputs.append(self.int32_bias(bias, scale * x.q.scale_value, base))
             else:
@@ -291,11 +293,28 @@ class _Emitter:
             self.env[users[0]] = _Value(out)
         return _Value(out)
 
-    def dequantized_weight(self, ints: torch.Tensor, scale: torch.Tensor, base: str) -> str:
+    def weight_container(self, ints: torch.Tensor, x: _QInfo | None) -> tuple[int, type[np.integer]]:
+        """The weight zero-point and integer type for a conv reading `x`.
+
+        ONNX Runtime's (and OpenVINO's) uint8 x int8 kernels on x86 CPUs without VNNI (AVX2, AVX-512
+        without VNNI: many AMD EPYC and older Xeons) add products in pairs on 16 bits (VPMADDUBSW), which
+        saturate past 32767: uint8 inputs up to 255 and int8 weights up to 127 put 61% of a conv's
+        outputs off (benchmarks/results/ort_pair_saturation.log). A conv whose pair sums could pass 16
+        bits stores its weights as uint8 around zero-point 128 instead (the same integers, exact): ORT's
+        uint8 x uint8 kernels widen to 16 bits first, on every CPU; OpenVINO runs such a conv in float.
+        """
         zp = self.weight_zero_point
-        w = self.const(f"{base}_weight_int", (ints.numpy() + zp).astype(np.int8))
+        widest = int(ints.abs().max()) + abs(zp) if ints.numel() else 0
+        if x is not None and 2 * x.top * widest > np.iinfo(np.int16).max:
+            return 128, np.uint8
+        return zp, np.int8
+
+    def dequantized_weight(self, ints: torch.Tensor, scale: torch.Tensor, base: str,
+                           container: tuple[int, type[np.integer]] | None = None) -> str:  # fmt: skip
+        zp, dtype = container or (self.weight_zero_point, np.int8)
+        w = self.const(f"{base}_weight_int", (ints.numpy() + zp).astype(dtype))
         s = self.const(f"{base}_weight_scale", scale.numpy().astype(np.float32))
-        z = self.const(f"{base}_weight_zero_point", np.full(len(scale), zp, np.int8))
+        z = self.const(f"{base}_weight_zero_point", np.full(len(scale), zp, dtype))
         return self.op("DequantizeLinear", [w, s, z], f"{base}_weight_dq", axis=0)
 
     def int32_bias(self, bias: torch.Tensor, scale: torch.Tensor, base: str) -> str:
@@ -322,7 +341,7 @@ class _Emitter:
         if self.rules.integer_pool and x.q is not None:  # max commutes with the monotone Q: stay integer
             pooled = self.op("MaxPool", [x.q.name], f"{base}_int", **attrs)
             dq = self.op("DequantizeLinear", [pooled, x.q.scale, x.q.zero_point], f"{base}_dq")
-            return _Value(dq, _QInfo(pooled, x.q.scale, x.q.zero_point, x.q.scale_value))
+            return _Value(dq, _QInfo(pooled, x.q.scale, x.q.zero_point, x.q.scale_value, x.q.top))
         return _Value(self.op("MaxPool", [x.name], base, **attrs))
 
     def linear(self, m: nn.Linear, x: _Value, base: str) -> str:
