@@ -122,39 +122,39 @@ def test_an_operator_nobody_can_place_is_named_with_its_node() -> None:
         prepare(_Unplaceable(), "ort", QuantConfig.from_bits("w8a8"))
 
 
+FAMILY_PIPELINE = """
+kind: pipeline
+out: {out}
+finetune: {{arch: {arch}, subset: 512, epochs: 1, batch_size: 64, lr: 0.05, workers: 0}}
+quantize: [{{bits: w4a4, calib_size: 64, subset: 256}}, {{bits: w4a4, calib_size: 64, subset: 128, lsq: true, epochs: 1, batch_size: 64}}]
+export: {{engines: [ort, trt]}}
+bench: {{subset: 128, batch_sizes: [1]}}
+"""
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_each_family_end_to_end_from_the_cli(name: str, tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:
-    """finetune -> quantize -> export for ort and trt -> bench, as a user types it; then LSQ from the same run, exported."""
+    """finetune -> quantize (PTQ and LSQ) -> export for ort and trt -> bench, in one `ssql-deploy run`: one process start
+    per family, not seven (each pays torch's imports); every stage's own command is run one by one in test_export."""
     run = tmp_path / "run"
-    ft = cli("finetune", "--arch", name, "--subset", "512", "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--workers", "0",
-             "--out", run)  # fmt: skip
-    assert ft.returncode == 0, ft.stderr
-    q = cli("quantize", run, "--bits", "w4a4", "--calib-size", "64", "--calib-dir", tmp_path / "calib", "--subset", "256", "--workers", "0")
-    assert q.returncode == 0, q.stderr
-    assert "per-layer widths of w4a4" in q.stdout
-    for engine in ("ort", "trt"):
-        e = cli("export", run, "--engine", engine)
-        assert e.returncode == 0, e.stderr
-    ort = json.loads((run / "export/w4a4-ort/manifest.json").read_text())["metrics"]["check"]
-    assert ort["integer_convs"] == ort["convs"] > 0
-    trt = json.loads((run / "export/w4a4-trt/manifest.json").read_text())["metrics"]["check"]
-    assert trt["trt_rule_violations"] == []
-    b = cli("bench", run, "--subset", "128", "--batch-sizes", "1", "--workers", "0", "--out", tmp_path / "bench")
-    assert b.returncode == 0, b.stderr
-    rows = {r["name"]: r for r in json.loads((tmp_path / "bench/report.json").read_text())["rows"]}
-    for row in ("torch-fp32", "onnx-fp32", "torch-w4a4", "qdq-ort-w4a4", "qdq-trt-w4a4"):
+    (tmp_path / "family.yaml").write_text(FAMILY_PIPELINE.format(out=run, arch=name))
+    result = cli("run", tmp_path / "family.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for variant in ("w4a4", "w4a4-lsq"):
+        ort = json.loads((run / f"export/{variant}-ort/manifest.json").read_text())["metrics"]["check"]
+        assert ort["integer_convs"] == ort["convs"] > 0, variant
+        trt = json.loads((run / f"export/{variant}-trt/manifest.json").read_text())["metrics"]["check"]
+        assert trt["trt_rule_violations"] == [], variant
+        assert json.loads((run / f"export/{variant}-ort/parity.json").read_text())["passed"], variant
+    rows = {r["name"]: r for r in json.loads((run / "bench/report.json").read_text())["rows"]}
+    for row in ("torch-fp32", "onnx-fp32", "torch-w4a4", "qdq-ort-w4a4", "qdq-trt-w4a4", "qdq-ort-w4a4-lsq"):
         assert rows[row]["status"] == "ok" and rows[row]["n_images"] == 128, (row, rows[row])
     assert rows["onnx-fp32"]["agreement"] == 100.0 and rows["qdq-ort-w4a4"]["agreement"] >= 99
     assert rows["trt-w4a4"]["status"].startswith("skipped")  # no GPU here
     assert np.isfinite(rows["qdq-ort-w4a4"]["latency"]["1"]["p50_ms"])
-    lsq = cli("quantize", run, "--bits", "w4a4", "--lsq", "--epochs", "1", "--calib-size", "64", "--calib-dir", tmp_path / "calib",
-              "--subset", "128", "--batch-size", "64", "--workers", "0")  # fmt: skip
-    assert lsq.returncode == 0, lsq.stderr  # signed activations on a zero-point grid (linear bottlenecks) keep their ranges
+    # signed activations on a zero-point grid (linear bottlenecks) keep their calibrated ranges under LSQ
     kept = json.loads((run / "quant/w4a4-lsq/manifest.json").read_text())["metrics"]["lsq"]["calibrated_ranges_kept"]
-    assert (len(kept) > 0) == (name in ("test_efficientnet", "test_mobilenet_v2", "test_mobilenet_v3")), kept  # linear bottlenecks
-    e = cli("export", run, "--bits", "w4a4", "--lsq", "--engine", "ort")
-    assert e.returncode == 0, e.stderr
-    assert json.loads((run / "export/w4a4-lsq-ort/parity.json").read_text())["passed"]
+    assert (len(kept) > 0) == (name in ("test_efficientnet", "test_mobilenet_v2", "test_mobilenet_v3")), kept
 
 
 def test_a_mobile_family_on_full_size_images_as_users_write_it(tmp_path: Path, fmnist_root: Path, cli: CliRun) -> None:

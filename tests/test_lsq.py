@@ -2,13 +2,17 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import CliRun, assert_user_error
 
 from ssql_deploy.models.checkpoint import load_checkpoint
+from ssql_deploy.models.trained import load_trained
 from ssql_deploy.quant.quantizer import ActQuantizer, WeightQuantizer, lsq_fake_quant
 
 
@@ -41,7 +45,7 @@ def test_quantizers_apply_lsq_gradient_scale() -> None:
     assert aq.step.grad is not None and aq.step.grad.abs().item() > 0
 
 
-def test_lsq_trains_steps_and_exports_with_parity(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+def test_lsq_trains_steps_and_exports_with_parity(tiny_run: Path, tmp_path: Path, cli: CliRun, fmnist_batch: torch.Tensor) -> None:
     common = ["--bits", "w3a3", "--calib-size", "64", "--calib-dir", tmp_path / "calib", "--subset", "256",
               "--batch-size", "64", "--workers", "0", "--out", tmp_path / "run"]  # fmt: skip
     ptq = cli("quantize", tiny_run, *common)
@@ -65,15 +69,27 @@ def test_lsq_trains_steps_and_exports_with_parity(tiny_run: Path, tmp_path: Path
         assert exported.returncode == 0, exported.stderr
         parity = json.loads((tmp_path / f"run/export/w3a3-lsq-{engine}/parity.json").read_text())
         assert parity["passed"] and parity["top1_agreement"] >= 99
+    # LSQ moved the weights of its own copy; the run's FP32 baseline is still the fine-tuned model that torch-fp32 scores
+    session = ort.InferenceSession(str(tmp_path / "run/export/fp32/model.onnx"), providers=["CPUExecutionProvider"])
+    fine_tuned = load_trained(tiny_run)[0].eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": fmnist_batch.numpy()})[0], fine_tuned(fmnist_batch).numpy(), atol=1e-4)
 
 
 def test_steps_only_keeps_the_weights(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
-    result = cli("quantize", tiny_run, "--bits", "w4a4", "--lsq", "--epochs", "1", "--train-steps-only", "--subset", "128",
+    src = tmp_path / "src"
+    shutil.copytree(tiny_run, src)
+    result = cli("quantize", src, "--bits", "w4a4", "--lsq", "--epochs", "1", "--train-steps-only", "--subset", "128",
                  "--batch-size", "64", "--calib-size", "64", "--calib-dir", tmp_path, "--workers", "0", "--out", tmp_path / "run")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    source = load_checkpoint(tiny_run / "finetune/best.pt")["model"]
+    source = load_checkpoint(src / "finetune/best.pt")["model"]
     trained = load_checkpoint(tmp_path / "run/quant/w4a4-lsq/quantized.pt")["model"]
     assert torch.equal(source["layer3.0.conv2.weight"], trained["layer3.0.conv2.weight"])
+    # the FP32 baseline is of the model LSQ started from: once that file has changed, there is nothing true to export it from
+    (src / "finetune/best.pt").unlink()
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "run").rglob("*") if p.is_file())
+    assert_user_error(cli("export", tmp_path / "run", "--lsq"), "the FP32 baseline is of the model LSQ started from", "gone or has changed")
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "run").rglob("*") if p.is_file()) == before
 
 
 @pytest.mark.parametrize("args, needles", [

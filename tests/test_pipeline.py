@@ -12,7 +12,7 @@ out: {out}
 pretrain: {{method: ssql, arch: test_resnet, subset: 256, epochs: 1, batch_size: 64, proj_hidden_dim: 64, proj_dim: 64,
            pred_hidden_dim: 16, knn_every: 1, workers: 0}}
 finetune: {{arch: test_resnet, subset: 512, epochs: {epochs}, batch_size: 64, lr: 0.05, schedule: cosine, workers: 0}}
-quantize: [{{bits: [w8a8, w4a4], calib: minmax, calib_size: 64}},
+quantize: [{{bits: [w8a8, w4a4], calib: minmax, calib_size: 64, subset: 256}},
            {{bits: w4a4, calib: minmax, calib_size: 64, lsq: true, epochs: 1, subset: 128, batch_size: 32}}]
 export: {{engines: [ort, trt], ort_kernel: symmetric}}
 bench: {{batch_sizes: [1, 2], runs: 50, subset: 200}}

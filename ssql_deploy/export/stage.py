@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ssql_deploy.bench.evalset import EVALSET_FILE, write_evalset
 from ssql_deploy.data import DataSource
-from ssql_deploy.errors import CheckFailed
+from ssql_deploy.errors import CheckFailed, UserError
 from ssql_deploy.export.engine_checks import CHECKS
 from ssql_deploy.export.fp16_cast import cast_to_fp16
 from ssql_deploy.export.kernel_choice import ZERO_POINTS, KernelChoice, choose_kernel
@@ -31,14 +31,14 @@ from ssql_deploy.export.storage import weight_storage
 from ssql_deploy.export.tensorrt_engine import build_engine, tensorrt_status, trtexec_command
 from ssql_deploy.manifest import Manifest, read_manifest, unverified_reason, write_manifest
 from ssql_deploy.models.checkpoint import save_atomic
-from ssql_deploy.models.trained import ModelMeta
-from ssql_deploy.quant.artifact import find_quantized, load_quantized, saved_variant, twin_payload
+from ssql_deploy.models.trained import ModelMeta, load_trained
+from ssql_deploy.quant.artifact import LoadedQuantized, find_quantized, load_quantized, saved_variant, twin_payload
 from ssql_deploy.quant.calib_set import load_calibration
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.layouts import LAYOUTS
 from ssql_deploy.quant.placement import ActPoint, trace
 from ssql_deploy.recipe import ExportRecipe
-from ssql_deploy.run import atomic_open, write_text_atomic
+from ssql_deploy.run import atomic_open, sha256_file, write_text_atomic
 from ssql_deploy.run_layout import FP16_FILE, FP32_FILE, PARITY_FILE, TWIN_FILE, ExportKey, RunLayout
 from ssql_deploy.runtimes import ENGINES, QDQ_FILE, Engine
 
@@ -105,6 +105,27 @@ def export_float(float_model: torch.nn.Module, meta: ModelMeta, run_dir: Path) -
     return path
 
 
+def float_baseline(loaded: LoadedQuantized, qpath: Path, run_dir: Path) -> torch.nn.Module | None:
+    """The network the run's FP32 ONNX is of: the model quantization started from, None to keep the baseline there is.
+
+    A PTQ model wraps those weights unchanged. LSQ trained its own copy, so an LSQ model's float
+    weights are not the fine-tuned model's that bench's torch-fp32 row scores: its baseline is
+    rebuilt from the checkpoint its quantize manifest names, when that file is still the one hashed.
+    """
+    if not loaded.saved.get("lsq"):
+        return loaded.float_model
+    manifest = read_manifest(qpath.parent)
+    record = manifest.inputs.get("model") if manifest is not None else None
+    if record is not None and Path(record.path).is_file() and sha256_file(Path(record.path)) == record.sha256:
+        meta = loaded.meta
+        return load_trained(Path(record.path), meta.arch, meta.data, meta.input_size)[0]
+    if (RunLayout(run_dir).fp32 / FP32_FILE).is_file():
+        return None
+    where = record.path if record is not None else "(not named in its manifest)"
+    raise UserError(f"the FP32 baseline is of the model LSQ started from, {where}, which is gone or has changed since",
+                    "restore that checkpoint, or export a PTQ model of the same run first (it writes the baseline)")  # fmt: skip
+
+
 def _numerics_notes(gm: torch.fx.GraphModule) -> list[str]:
     """Where the deployed numerics differ from the `ssql` simulation, said in plain words."""
     points: dict[str, ActPoint] = gm.quant_points  # type: ignore[assignment]
@@ -169,6 +190,7 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     out_dir = RunLayout(run_dir).export(ExportKey(label, engine.name))
     chw = (3, meta.input_size, meta.input_size)
 
+    baseline = float_baseline(loaded, qpath, run_dir)
     props = model_props(meta, bits=label, variant=label, engine=engine.name, calibrator=cal["calibrator"])
     model, zero_point, kernel_choice = _build_graph(gm, chw, recipe, props)
     check = CHECKS[engine.name](model, recipe.threads or torch.get_num_threads())
@@ -180,7 +202,7 @@ def run_export(recipe: ExportRecipe) -> tuple[ExportMetrics, Path]:
     write_text_atomic(out_dir / PARITY_FILE, json.dumps(parity, indent=1) + "\n")
     save_onnx(model, onnx_path)
     save_atomic(twin_payload(saved, gm), twin_path)
-    fp32_path = export_float(loaded.float_model, meta, run_dir)
+    fp32_path = export_float(baseline, meta, run_dir) if baseline is not None else RunLayout(run_dir).fp32 / FP32_FILE
     outputs = {"onnx": onnx_path, "twin": twin_path}
     if recipe.evalset:
         outputs["evalset"] = _write_evalset(out_dir, source, recipe.eval_size)
