@@ -162,6 +162,7 @@ def test_cli_quantize_export_bench_gate(tiny_run: Path, tmp_path: Path, cli: Cli
         q = cli("quantize", tiny_run, "--bits", bits, "--calib", calib, "--calib-size", "64", "--calib-dir", tmp_path / "calib",
                 "--subset", "512", "--workers", "0", "--out", run)  # fmt: skip
         assert q.returncode == 0, q.stderr
+        assert f"per-layer widths of {bits}" in q.stdout
     manifest = json.loads((run / "quant/w4a4/manifest.json").read_text())
     assert manifest["metrics"]["simulated_top1"] > 20 and len(manifest["inputs"]["calib_manifest"]["sha256"]) == 64
     assert_user_error(cli("export", run, "--engine", "ort"), "several quantized models", "--bits")
