@@ -16,6 +16,7 @@ from ssql_deploy.errors import UserError
 from ssql_deploy.runtimes import ENGINES, Engine
 
 R = TypeVar("R", bound="Recipe")
+RECON_ITERS = 250  # reconstruction steps per unit when --iters is not given
 
 
 def _not_a_file(path: Path | None) -> Path | None:
@@ -194,7 +195,7 @@ class QuantizeRecipe(DataRecipe):
     out: Directory | None = None  # default: the source run directory
     # rounding reconstruction and bias correction after the calibration above (quant/recon/)
     reconstruct: Reconstruction | None = None
-    iters: int | None = Field(default=None, ge=1)  # steps per unit; default 500 with --reconstruct
+    iters: int | None = Field(default=None, ge=1)  # steps per unit; default RECON_ITERS with --reconstruct
     recon_size: int = Field(default=1024, ge=1)  # calibration images the reconstruction learns from
     bias_correction: bool = False
     # LSQ quantization-aware training, seeded from the calibration above
@@ -251,7 +252,7 @@ class QuantizeRecipe(DataRecipe):
         if self.reconstruct is None and self.iters is not None:
             raise UserError("--iters applies only to a reconstruction", "add --reconstruct adaround|brecq|qdrop")
         if self.reconstruct is not None and self.iters is None:
-            self.iters = 500
+            self.iters = RECON_ITERS
         return self
 
     def methods(self) -> tuple[str, ...]:

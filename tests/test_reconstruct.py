@@ -91,6 +91,27 @@ def test_reconstruction_lowers_each_units_error_and_fixes_integers(method: str, 
             assert wq.rounding is None and (wq.fixed is not None) == u["kept"] and (wq.fixed is None or wq.fixed.dtype == torch.int8)
 
 
+def test_the_default_step_size_lets_the_rounding_leave_the_nearest_integers(fmnist_batch: torch.Tensor) -> None:
+    """The papers' 1e-3 assumes 20,000 steps: over a few hundred, the rounding variables cannot move far enough to flip
+    a weight, and the reconstruction is rounding to nearest with extra steps (what it was until this rate followed
+    the steps)."""
+    assert ReconSettings("brecq", iters=20_000).rounding_lr == 1e-3 and ReconSettings("brecq", iters=500).rounding_lr == 0.02
+
+    def flipped(settings: ReconSettings) -> tuple[int, int]:
+        gm = _calibrated("test_resnet", fmnist_batch, "w2a4")
+        report = reconstruct(gm, [fmnist_batch], settings)
+        moved = 0
+        for layer, wq in weight_quantizers(gm).items():
+            if wq.fixed is not None:
+                weight = gm.get_submodule(layer).weight
+                nearest = torch.clamp(torch.round(weight / wq.fixed_scale.view(-1, 1, 1, 1)), *wq.qrange)
+                moved += int((nearest != wq.fixed.float()).sum())
+        return moved, sum(u["kept"] for u in report)
+
+    (moved, kept), (moved_paper, kept_paper) = flipped(ReconSettings("brecq", iters=60)), flipped(ReconSettings("brecq", iters=60, lr=1e-3))
+    assert moved > 20 * max(moved_paper, 1) and kept > kept_paper, (moved, moved_paper, kept, kept_paper)
+
+
 def test_same_seed_images_and_settings_give_bit_identical_integers(fmnist_batch: torch.Tensor) -> None:
     runs = []
     for _ in range(2):
@@ -149,10 +170,13 @@ def test_cli_reconstructs_exports_the_learned_integers_and_refuses_bad_input(tin
     for engine in ("ort", "trt"):
         e = cli("export", run, "--bits", "w3a4-brecq-bc", "--engine", engine)
         assert e.returncode == 0, e.stderr
-    fixed = saved["model"]["layer1.0.conv1.weight_quantizer.fixed"].numpy().astype(np.int16)
-    assert np.array_equal(_onnx_weights(run / "export/w3a4-brecq-bc-trt/model.qdq.onnx", "layer1.0.conv1"), fixed)  # no folding in trt
-    ort = _onnx_weights(run / "export/w3a4-brecq-bc-ort/model.qdq.onnx", "layer1.0.conv1")
-    assert np.array_equal(np.abs(ort), np.abs(fixed))  # folded BatchNorm: a channel's integers may change sign, never magnitude
+    kept = [layer for u in manifest["metrics"]["reconstruction"]["units"] if u["kept"] for layer in u["layers"]]
+    assert kept, manifest["metrics"]["reconstruction"]
+    for layer in kept:
+        fixed = saved["model"][f"{layer}.weight_quantizer.fixed"].numpy().astype(np.int16)
+        assert np.array_equal(_onnx_weights(run / "export/w3a4-brecq-bc-trt/model.qdq.onnx", layer), fixed)  # no folding in trt
+        ort = _onnx_weights(run / "export/w3a4-brecq-bc-ort/model.qdq.onnx", layer)
+        assert np.array_equal(np.abs(ort), np.abs(fixed))  # folded BatchNorm: a channel's integers may change sign, never magnitude
 
     for args, needles in (
         (["--reconstruct", "brecq", "--iters", "0"], ["--iters", "0"]),

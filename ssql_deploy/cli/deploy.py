@@ -11,7 +11,7 @@ from ssql_deploy.cli.options import RecipeOpt, SubsetOpt, WorkersOpt, int_list, 
 from ssql_deploy.errors import UserError
 from ssql_deploy.progress import results
 from ssql_deploy.quant.bits import BitSpec
-from ssql_deploy.recipe import Calibrator, ExportRecipe, LsqInit, OrtKernel, QuantizeRecipe, Reconstruction
+from ssql_deploy.recipe import RECON_ITERS, Calibrator, ExportRecipe, LsqInit, OrtKernel, QuantizeRecipe, Reconstruction
 from ssql_deploy.runtimes import ENGINES, RUNTIMES, Engine, engine_help
 
 Q, E = QuantizeRecipe, ExportRecipe
@@ -52,7 +52,7 @@ def quantize_cmd(
     reconstruct: Annotated[Reconstruction | None, recipe_option(Q, "reconstruct", "Then learn the weights' rounding on unlabelled "
                            "calibration images: adaround (per layer), brecq or qdrop (per block, activation steps too).", default="none")] = None,
     iters: Annotated[int | None, recipe_option(Q, "iters", "Reconstruction steps per layer or block (with --reconstruct).",
-                                               default="500 with --reconstruct")] = None,
+                                               default=f"{RECON_ITERS} with --reconstruct")] = None,
     recon_size: Annotated[int | None, recipe_option(Q, "recon_size", "Calibration images the reconstruction and the bias correction learn from.")] = None,
     bias_correction: Annotated[bool | None, recipe_option(Q, "bias_correction", "Remove the mean output shift quantized weights add to each "
                                "conv (after --reconstruct, if given).", "--bias-correction/--no-bias-correction")] = None,

@@ -40,8 +40,8 @@ def _reconstruct(gm: torch.fx.GraphModule, recipe: QuantizeRecipe, source: DataS
     if recipe.reconstruct is not None:
         assert recipe.iters is not None
         settings = ReconSettings(recipe.reconstruct, iters=recipe.iters, seed=recipe.seed)
-        done["reconstruction"] = {"method": recipe.reconstruct, "iters": recipe.iters, "images": recipe.recon_size,
-                                  "units": reconstruct(gm, images, settings)}  # fmt: skip
+        done["reconstruction"] = {"method": recipe.reconstruct, "iters": recipe.iters, "rounding_lr": settings.rounding_lr,
+                                  "images": recipe.recon_size, "units": reconstruct(gm, images, settings)}  # fmt: skip
     if recipe.bias_correction:
         done["bias_correction"] = correct_biases(gm, images)
     done["adjust_seconds"] = round(time.time() - start, 1)
