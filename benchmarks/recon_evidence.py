@@ -3,8 +3,8 @@
 Starts from the fine-tuned models of benchmarks/families_int8.py (runs/families/<arch>: 3 epochs on
 all of Fashion-MNIST at 32x32). At each bit pair:
 - PTQ with each rounding calibrator (minmax, percentile, mse, entropy);
-- AdaRound, BRECQ and QDrop (`--reconstruct`, `--iters` steps per unit, 1,024 unlabelled calibration
-  images) after the mse calibrator;
+- AdaRound, BRECQ and QDrop (`--reconstruct`, `--iters` steps per unit at the tool's rounding learning rate, 1,024
+  unlabelled calibration images) after the mse calibrator;
 - LSQ (1 epoch over all 60,000 training images, batch 128, lr 0.01 cosine) seeded from the best
   calibrator: the quantization-aware training every reconstruction is measured against, in accuracy
   and in time.
@@ -12,12 +12,13 @@ Every top-1 is the exported QDQ ONNX model (`ort` layout) in an ONNX Runtime ses
 test images; every wall time is the `ssql-deploy quantize` command that produced the model (2 cores,
 nothing else running), calibration and scoring the simulation included.
 
-    .venv/bin/python benchmarks/recon_evidence.py [--archs resnet18_quarter mobilenet_v2] [--bits w4a4 ...] [--iters 500]
+    .venv/bin/python benchmarks/recon_evidence.py [--archs resnet18_quarter mobilenet_v2] [--bits w4a4 ...] [--iters 250]
     .venv/bin/python benchmarks/recon_evidence.py --summarize   # only recompute the differences from the JSON
 
 Writes benchmarks/results/recon_evidence.json and .log. Each method's result is written as soon as it is measured,
-into what the JSON holds already, so the benchmark can be run a model or a bit pair at a time (same --iters) and a
-run stopped part-way keeps what it measured.
+into what the JSON holds already, so the benchmark can be run a model or a bit pair at a time and a run stopped
+part-way keeps what it measured. Each model records the --iters its reconstructions ran (all its bit pairs share it),
+and each reconstruction the learning rate its manifest reports.
 """
 
 import argparse
@@ -49,7 +50,9 @@ def quantized(run: Path, out: Path, bits: str, name: str, *extra: str) -> dict:
     subset = [] if "--lsq" in extra else ["--subset", "1000"]
     seconds = cli("quantize", run, "--bits", bits, *subset, "--workers", "1", "--out", out, *extra)
     cli("export", out, "--bits", name, "--engine", "ort", "--ort-kernel", "symmetric")
-    return {"top1": ort_top1(out / f"export/{name}-ort/model.qdq.onnx"), "seconds": seconds}
+    row = {"top1": ort_top1(out / f"export/{name}-ort/model.qdq.onnx"), "seconds": seconds}
+    recon = json.loads((out / f"quant/{name}/manifest.json").read_text())["metrics"].get("reconstruction")
+    return row | ({"rounding_lr": recon["rounding_lr"]} if recon else {})
 
 
 def differences(result: dict) -> dict:
@@ -73,7 +76,9 @@ def measure(arch: str, bits_list: list[str], iters: int, result: dict) -> None:
     run = RUNS / arch
     if not (run / "finetune/manifest.json").is_file():
         raise SystemExit(f"{run} is not fine-tuned: run benchmarks/families_int8.py --train-only first")
-    model = result["models"].setdefault(arch, {"bits": {}})
+    model = result["models"].setdefault(arch, {"iters": iters, "bits": {}})
+    if model["iters"] != iters:
+        raise SystemExit(f"{arch} was measured with --iters {model['iters']}: pass the same, or delete its entry to start it over")
 
     def save() -> None:
         result["differences"] = differences(result)
@@ -101,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--archs", nargs="*", default=["resnet18_quarter", "mobilenet_v2"])
     parser.add_argument("--bits", nargs="*", default=["w4a8", "w4a4", "w3a3", "w2a4"])
-    parser.add_argument("--iters", type=int, default=500)
+    parser.add_argument("--iters", type=int, default=250)
     parser.add_argument("--summarize", action="store_true", help="only recompute the differences in the existing JSON")
     args = parser.parse_args()
     if args.summarize:
@@ -110,10 +115,8 @@ def main() -> None:
     with LOG.open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv[1:])}\n")
     path = RESULTS / "recon_evidence.json"
-    result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "recon_evidence", "iters": args.iters, "models": {},
+    result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "recon_evidence", "models": {},
                                                                   "measured_on": "exported QDQ ONNX in ONNX Runtime (CPU), all 10k test images"}  # fmt: skip
-    if result["iters"] != args.iters:
-        raise SystemExit(f"{path} was measured with --iters {result['iters']}: pass the same, or move it aside to start over")
     for arch in args.archs:
         measure(arch, args.bits, args.iters, result)
 
