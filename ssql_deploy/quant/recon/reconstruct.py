@@ -34,8 +34,6 @@ from ssql_deploy.recipe import RECON_ITERS
 
 ReconMethod = Literal["adaround", "brecq", "qdrop"]
 CHUNK = 128  # images per forward pass when caching a unit's inputs and targets
-
-
 ALPHA_TRAVEL = 10.0  # how far, over all its steps, Adam must be able to move a rounding variable (see rounding_lr)
 MAX_ROUNDING_LR = 0.05
 
