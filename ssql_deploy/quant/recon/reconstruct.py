@@ -61,11 +61,11 @@ class ReconSettings:
         Adam moves a parameter by about its learning rate per step. A rounding variable starts
         within 2.4 of 0, where its weight flips to the other integer, and reaches the far end of
         the rectified sigmoid (rounding.py) at 2.4 past it: at 1e-3, 500 steps move it by at most
-        0.5, so only weights whose fractional part lay between 0.35 and 0.65 could flip. Measured on a
-        Fashion-MNIST ResNet-18 at w2a4, BRECQ's simulated top-1 went from 80.4% (1e-3, 500
-        steps) to 86.2% (0.02, 500 steps, and 0.04, 250 steps), the FP32 model scoring 87.6%. Larger
-        rates were not measured on real models; on a few dozen steps (0.25 at 40) one block ended worse
-        than rounding to nearest, hence the ceiling.
+        0.5, so only weights whose fractional part lay between 0.35 and 0.65 could flip. On the
+        Fashion-MNIST ResNet-18 at w2a4 (benchmarks/recon_lr_sweep.py), BRECQ's simulated top-1 went
+        from 80.36% (1e-3, 500 steps) to 86.34% (0.02, 500 steps) and 86.2% (0.04, 250 steps), the
+        FP32 model scoring 87.63%. Larger rates were not measured on real models; on a few dozen steps
+        (0.25 at 40) one block of the CLI test's model ended worse than rounding to nearest, hence the ceiling.
         """
         return self.lr if self.lr is not None else min(max(1e-3, ALPHA_TRAVEL / self.iters), MAX_ROUNDING_LR)
 
