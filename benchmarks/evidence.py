@@ -19,6 +19,7 @@ from ssql_deploy.data import DataSource  # noqa: E402
 from ssql_deploy.evaluate import eval_loader  # noqa: E402
 
 EVIDENCE = ROOT / "runs/evidence"  # the pretrained backbones of benchmarks/ssql_vs_simsiam.py, and their fine-tunes
+EVIDENCE_ARCH = "resnet18_quarter"  # the backbone the SSQL evidence started from
 
 
 def top1(runner: Runner, size: int = 32) -> float:
@@ -34,14 +35,35 @@ def ort_top1(path: Path, threads: int = 2) -> float:
     return top1(OrtRunner(path, threads, "CPUExecutionProvider"))
 
 
-def finetuned_evidence(method: str, log: Path) -> Path:
-    """The run of benchmarks/ssql_vs_simsiam.py's `method` backbone (quarter-width ResNet-18), fully fine-tuned on all of
-    Fashion-MNIST (2 epochs, lr 0.05 cosine) unless that is done already; an interrupted fine-tune resumes."""
-    run = EVIDENCE / method
+def evidence_run(method: str, arch: str = EVIDENCE_ARCH) -> Path:
+    """Where `method`'s pretraining of `arch` lives: the quarter-width ResNet-18's runs keep the names the earlier
+    evidence gave them (runs/evidence/ssql), any other backbone's are runs/evidence/<arch>-<method>."""
+    return EVIDENCE / (method if arch == EVIDENCE_ARCH else f"{arch}-{method}")
+
+
+def pretrained_evidence(method: str, log: Path, arch: str = EVIDENCE_ARCH, recipe: str | None = None, extra: tuple[str, ...] = (),
+                        epochs: int | None = None) -> float:  # fmt: skip
+    """Pretrain `arch` with recipes/pretrain/fashion-mnist-<recipe>.yaml (`method` unless given) unless that is done
+    already, an interrupted run resuming; returns the pretraining's wall seconds. Every backbone gets the recipe's
+    budget (images, epochs, batch, heads), so two methods on one backbone are compared at the same cost."""
+    out = evidence_run(method, arch)
+    if (out / "pretrain/manifest.json").is_file():
+        return json.loads((out / "pretrain/manifest.json").read_text())["metrics"]["wall_seconds_this_session"]
+    recipe_file = f"recipes/pretrain/fashion-mnist-{recipe or method}.yaml"
+    args: list[str | Path] = ["pretrain", "--recipe", recipe_file, "--arch", arch, "--out", out]
+    args += [*extra, *(["--epochs", str(epochs)] if epochs else []), *(["--resume"] if (out / "pretrain/last.pt").is_file() else [])]
+    return run_logged(log, *args)
+
+
+def finetuned_evidence(method: str, log: Path, arch: str = EVIDENCE_ARCH) -> Path:
+    """The run of `method`'s pretrained `arch` (benchmarks/ssql_vs_simsiam.py's for the quarter-width ResNet-18), fully
+    fine-tuned on all of Fashion-MNIST (2 epochs, lr 0.05 cosine) unless that is done already; an interrupted fine-tune
+    resumes."""
+    run = evidence_run(method, arch)
     if not (run / "pretrain/backbone.pt").is_file():
-        raise SystemExit(f"{run} has no pretrained backbone: run benchmarks/ssql_vs_simsiam.py first")
+        raise SystemExit(f"{run} has no pretrained backbone: run benchmarks/ssql_vs_simsiam.py (or recon_evidence.py --pretrained) first")
     if not (run / "finetune/manifest.json").is_file():
-        run_logged(log, "finetune", "--ckpt", run, "--arch", "resnet18_quarter", "--mode", "full", "--epochs", "2", "--lr", "0.05",
+        run_logged(log, "finetune", "--ckpt", run, "--arch", arch, "--mode", "full", "--epochs", "2", "--lr", "0.05",
                    "--schedule", "cosine", "--batch-size", "128", "--workers", "1", "--out", run,
                    *(["--resume"] if (run / "finetune/last.pt").is_file() else []))  # fmt: skip
     return run
