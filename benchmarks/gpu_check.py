@@ -4,7 +4,8 @@ For ResNet-18 and MobileNetV2 (32x32, fine-tuned on the spot on all 60,000 Fashi
 images, 2 epochs on the GPU): w8a8 PTQ (percentile), export `--engine trt` (the INT8 plan, and the
 FP16 plan of the FP32 ONNX it is compared with), bench at batch 1 and 32 (top-1 on all 10,000 test
 images; TensorRT latency on device-resident buffers, interleaved rounds), then the gates: INT8 top-1
-within 1 point of FP16, INT8 faster than FP16 at batch 32. Each step's `trtexec` line is in the
+within 1 point of FP16, INT8 faster than FP16 at batch 32, and `debug` reading from the plan that every
+convolution of the Q/DQ graph runs INT8 in the engine (the engine inspector's layer precisions). Each step's `trtexec` line is in the
 export manifest for the TensorRT version found (10: weakly typed `--int8 --fp16`; 11: strongly typed).
 Writes benchmarks/results/gpu_check.{json,log}; finished runs are reused (idempotent).
 """
@@ -51,8 +52,15 @@ def check(arch: str) -> dict:
     with LOG.open("a") as f:
         f.write("$ " + " ".join(gate) + "\n" + verdict.stdout + verdict.stderr)
     export = json.loads((run / "export/w8a8-trt/manifest.json").read_text())["metrics"]
+    cli("debug", run / "export/w8a8-trt", "--images", "256")
+    debug = json.loads((run / "export/w8a8-trt/debug/debug.json").read_text())
+    engine = debug["tensorrt"]
+    layers = engine["summary"] if engine and engine["inspected"] else {"not_read": engine and engine["why"]}
+    # every convolution of the Q/DQ graph (all quantized at w8a8) is an INT8 engine layer; the float head may be another
+    every_conv_int8 = layers.get("int8_convolutions", 0) >= debug["convs"] > 0
     return {"rows": {r["name"]: {k: r.get(k) for k in ("top1", "latency", "speedup", "status", "runtime_detail")} for r in report["rows"]},
-            "engine_build": export.get("engine_build"), "gates_passed": verdict.returncode == 0}  # fmt: skip
+            "engine_build": export.get("engine_build"), "engine_layers": layers, "every_conv_int8": every_conv_int8,
+            "gates_passed": verdict.returncode == 0 and every_conv_int8}  # fmt: skip
 
 
 def main() -> None:

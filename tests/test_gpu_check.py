@@ -42,7 +42,7 @@ def test_a_trt_export_records_the_trtexec_line_for_tensorrt_10_and_11(
     result = cli("export", deployed, "--bits", "w4a4", "--engine", "trt", "--out", out)
     assert result.returncode == 0, result.stderr
     build = json.loads((out / "export/w4a4-trt/manifest.json").read_text())["metrics"]["engine_build"]
-    assert not build["built"] and "--int8 --fp16" in build["build_with"]
+    assert not build["built"] and "--int8 --fp16" in build["build_with"] and "--profilingVerbosity=detailed" in build["build_with"]
     assert "--stronglyTyped" in build["build_with_strongly_typed"] and "--int8" not in build["build_with_strongly_typed"]
     assert "TensorRT 11" in result.stdout
     fp32 = out / "export/fp32"
@@ -55,3 +55,21 @@ def test_a_trt_export_records_the_trtexec_line_for_tensorrt_10_and_11(
     images = fmnist_batch.numpy()
     full, reduced = (OrtRunner(fp32 / name, 1).predict(images) for name in ("model.onnx", "model.fp16.onnx"))
     assert np.abs(full - reduced).max() < 0.02 * np.abs(full).max() and (full.argmax(1) == reduced.argmax(1)).mean() >= 0.98
+
+
+def test_debug_of_a_trt_export_says_why_it_reads_no_layer_precisions_here(deployed: Path, tmp_path: Path, cli) -> None:
+    out = tmp_path / "run"
+    assert cli("export", deployed, "--bits", "w4a4", "--engine", "trt", "--out", out).returncode == 0
+    export = out / "export/w4a4-trt"
+    result = cli("debug", export, "--images", "64")
+    assert result.returncode == 0, result.stderr
+    engine = json.loads((export / "debug/debug.json").read_text())["tensorrt"]
+    assert engine["plan"] is None and not engine["inspected"] and "no plan was built" in engine["why"] and "trtexec" in engine["why"]
+    assert "TensorRT layer precisions not read" in result.stdout
+    # a plan from elsewhere, named directly: its Q/DQ graph beside it is still debugged, and the engine needs a GPU
+    (export / "model.plan").write_bytes(b"a plan built on another machine")
+    result = cli("debug", export / "model.plan", "--images", "64", "--out", tmp_path / "from-plan")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "from-plan/debug.json").read_text())
+    assert report["artifact"] == str(export / "model.qdq.onnx") and report["top1_agreement"] >= 99
+    assert not report["tensorrt"]["inspected"] and "GPU" in report["tensorrt"]["why"]

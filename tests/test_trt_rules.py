@@ -13,6 +13,7 @@ import torch
 from conftest import without_zero_init
 from onnx import TensorProto, helper, numpy_helper
 
+from ssql_deploy.analyze.engine_layers import parse_layers, summarize
 from ssql_deploy.errors import UserError
 from ssql_deploy.export.onnx_graph import build_onnx
 from ssql_deploy.export.tensorrt_engine import (
@@ -325,3 +326,29 @@ def test_build_engine(tmp_path: Path) -> None:
     assert np.abs(logits - ref).max() <= 0.25 * np.abs(ref).max() + 1e-2  # INT8 kernels + FP16 fallback
     with pytest.raises(UserError, match="profile"):
         TensorRTRunner(plan_path).predict(np.zeros((8, 3, 32, 32), np.float32))
+
+
+def test_engine_layer_precisions_are_read_from_the_inspectors_formats() -> None:
+    """The engine inspector's JSON as TensorRT 10 writes it with detailed verbosity (the format strings are TensorRT's): a
+    layer runs in its first input's type, a UInt8 reformat is not INT8, and a convolution left in FP16 is named."""
+    region = lambda fmt: {"Name": "t", "Location": "Device", "Dimensions": [1, 16, 32, 32], "Format/Datatype": fmt}  # noqa: E731
+    info = {"Layers": [
+        {"Name": "input_q reformat", "LayerType": "Reformat", "Inputs": [region("Row major linear UInt8 format")],
+         "Outputs": [region("Row major linear FP32")]},
+        {"Name": "/conv1/Conv + /relu/Relu", "LayerType": "CaskConvolution", "ParameterType": "Convolution",
+         "Inputs": [region("Four wide channel vectorized row major Int8 format")],
+         "Outputs": [region("Thirty-two wide channel vectorized row major Int8 format")], "Weights": {"Type": "Int8", "Count": 432}},
+        {"Name": "/layer1/conv/Conv", "LayerType": "CaskConvolution", "ParameterType": "Convolution",
+         "Inputs": [region("Channel major FP16 format where channel % 8 == 0")], "Outputs": [region("Half")],
+         "Weights": {"Type": "Half", "Count": 2304}},
+        {"Name": "/fc/Gemm", "LayerType": "CaskGemmMatrixMultiply", "ParameterType": "MatrixMultiply",
+         "Inputs": [region("Row major linear FP32"), region("Row major linear FP32")], "Outputs": [region("Row major linear FP32")]},
+    ]}  # fmt: skip
+    layers = parse_layers(info, Path("m.plan"))
+    assert [layer["precision"] for layer in layers] == ["uint8", "int8", "fp16", "fp32"]
+    assert layers[1]["outputs"] == ["int8"] and layers[1]["weights"] == "Int8" and layers[3]["inputs"] == ["fp32", "fp32"]
+    summary = summarize(layers)
+    assert summary == {"layers": 4, "convolutions": 2, "int8_convolutions": 1, "not_int8": {"/layer1/conv/Conv": "fp16"}}
+    # an engine built without detailed profiling verbosity lists only names
+    with pytest.raises(UserError, match="detailed profiling verbosity"):
+        parse_layers({"Layers": ["/conv1/Conv + /relu/Relu", "/fc/Gemm"]}, Path("m.plan"))

@@ -7,7 +7,8 @@ quantized activation in graph order, the largest deviation in quantization steps
 values off by half a step or more, the first layer where any value differs (a rounding tie, as a
 rule) and the first where more values differ than ties explain (a fault: export/parity.py),
 the top-1 agreement of the optimized ONNX Runtime session, and every node ONNX Runtime left in
-float after its optimizations, with why. Writes debug.json and debug.png beside nothing shipped:
+float after its optimizations, with why. For a TensorRT export on a GPU machine it also reads, from
+the plan, the precision each engine layer runs in (analyze/engine_layers.py). Writes debug.json and debug.png beside nothing shipped:
 in DEBUG_DIR (default: the export directory's `debug/`).
 """
 
@@ -22,33 +23,47 @@ import matplotlib.pyplot as plt
 import onnx
 import torch
 
+from ssql_deploy.analyze.engine_layers import inspect_engine
 from ssql_deploy.bench.artifacts import onnx_props
 from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import check_classes
 from ssql_deploy.export.ort_session import integer_conv_report
 from ssql_deploy.export.parity import check_parity
+from ssql_deploy.export.tensorrt_engine import tensorrt_status
 from ssql_deploy.quant.artifact import load_quantized
 from ssql_deploy.run import atomic_open, write_text_atomic
 from ssql_deploy.run_layout import FP32_FILE, TWIN_FILE
-from ssql_deploy.runtimes import QDQ_FILE
+from ssql_deploy.runtimes import ENGINES, QDQ_FILE
 
 BATCH = 64
 
 
 def _artifact(path: Path) -> tuple[Path, Path]:
-    """The QDQ ONNX file and its twin, from an export directory or the .onnx inside one."""
-    onnx_path = path / QDQ_FILE if path.is_dir() else path
+    """The QDQ ONNX file and its twin, from an export directory, the .onnx inside one or the TensorRT plan beside it."""
+    onnx_path = path / QDQ_FILE if path.is_dir() else path.with_name(QDQ_FILE) if path.suffix == ".plan" else path
     if onnx_path.name == FP32_FILE or (path.is_dir() and (path / FP32_FILE).is_file()):
         raise UserError(f"{path} is the FP32 baseline: nothing in it is quantized", "debug a quantized export (RUN/export/VARIANT-ENGINE)")
-    if not onnx_path.is_file():
+    if not path.exists() or not onnx_path.is_file():
         raise UserError(f"{path} is not an exported model", f"pass an export directory (RUN/export/VARIANT-ENGINE) or its {QDQ_FILE}")
-    if onnx_path.suffix == ".plan":
-        raise UserError(f"{path} is a TensorRT engine", f"debug its {QDQ_FILE} here; engine layer precisions need a GPU machine")
     twin = onnx_path.parent / TWIN_FILE
     if not twin.is_file():
         raise UserError(f"{onnx_path} has no {TWIN_FILE} beside it, so there is no PyTorch model to compare it with",
                         "debug a model written by `ssql-deploy export`, in its export directory")  # fmt: skip
     return onnx_path, twin
+
+
+def _engine(export_dir: Path) -> dict[str, Any] | None:
+    """The TensorRT plan's layer precisions, or why they were not read; None for an export that is not for TensorRT."""
+    plan = export_dir / ENGINES["trt"].file
+    if plan.is_file():
+        usable, why = tensorrt_status()
+        return inspect_engine(plan) if usable else {"plan": str(plan), "inspected": False, "why": f"{why} Run debug on a GPU machine."}
+    manifest = export_dir / "manifest.json"
+    build = json.loads(manifest.read_text()).get("metrics", {}).get("engine_build") if manifest.is_file() else None
+    if not build:
+        return None
+    return {"plan": None, "inspected": False, "why": f"no plan was built at export ({build.get('reason') or 'not asked'}); "
+                                                    f"build it on a GPU machine with: {build['build_with']}"}  # fmt: skip
 
 
 def run_debug(path: Path, images: int, out: Path | None, data_root: Path | None = None) -> dict[str, Any]:
@@ -66,7 +81,8 @@ def run_debug(path: Path, images: int, out: Path | None, data_root: Path | None 
               "top1_agreement": parity["top1_agreement"], "max_abs_logit_diff": parity["max_abs_logit_diff"],
               "first_mismatch": parity["first_mismatch"], "first_departure": parity["first_departure"],
               "layers": parity["per_layer"], "problems": parity["problems"],
-              "integer_convs": kernels["integer_convs"], "convs": kernels["convs"], "float_ops": kernels["float_ops"]}  # fmt: skip
+              "integer_convs": kernels["integer_convs"], "convs": kernels["convs"], "float_ops": kernels["float_ops"],
+              "tensorrt": _engine(onnx_path.parent)}  # fmt: skip
     out_dir = out or onnx_path.parent / "debug"
     paths = {"json": out_dir / "debug.json", "png": out_dir / "debug.png"}
     write_text_atomic(paths["json"], json.dumps(result, indent=1) + "\n")

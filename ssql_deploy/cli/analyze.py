@@ -59,13 +59,14 @@ def analyze_cmd(
 
 @user_errors("nothing was written (an earlier debug report, if any, is unchanged)")
 def debug_cmd(
-    artifact: Annotated[Path, typer.Argument(help="An export directory (RUN/export/VARIANT-ENGINE) or its model.qdq.onnx.")],
+    artifact: Annotated[Path, typer.Argument(help="An export directory (RUN/export/VARIANT-ENGINE), its model.qdq.onnx or its model.plan.")],
     images: Annotated[int, typer.Option("--images", min=1, help="Test images both models run on.")] = 256,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Directory holding the dataset files. "
                                                    "[default: the one the model was trained with]")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for debug.json and debug.png. [default: ARTIFACT's debug/]")] = None,
 ) -> None:  # fmt: skip
-    """Run an exported model in ONNX Runtime and its PyTorch twin on the same images: per-layer deviation, float nodes."""
+    """Run an exported model in ONNX Runtime and its PyTorch twin on the same images: per-layer deviation, float nodes
+    (and, on a GPU machine, the precision of each layer of a TensorRT plan)."""
     from ssql_deploy.analyze.debug import run_debug
 
     result = run_debug(artifact, images, out, data_root)
@@ -83,6 +84,15 @@ def debug_cmd(
     for op, info in result["float_ops"].items():
         results.print(f"float after ONNX Runtime's optimizations: {info['count']} {op} ({', '.join(info['nodes'][:4])}"
                       f"{', ...' if info['count'] > 4 else ''}): {info['why']}", highlight=False)  # fmt: skip
+    engine = result["tensorrt"]
+    if engine and engine["inspected"]:
+        summary = engine["summary"]
+        results.print(f"TensorRT {engine['tensorrt_version']} engine: {summary['int8_convolutions']} of {summary['convolutions']} "
+                      f"convolutions run INT8", highlight=False)  # fmt: skip
+        for name, precision in summary["not_int8"].items():
+            results.print(f"[red]not INT8 in the engine:[/] {name} runs {precision}", highlight=False)
+    elif engine:
+        results.print(f"TensorRT layer precisions not read: {engine['why']}", highlight=False)
     for problem in result["problems"]:
         results.print(f"[red]problem:[/] {problem}")
     results.print(f"json: {result['paths']['json']}\nplot: {result['paths']['png']}")

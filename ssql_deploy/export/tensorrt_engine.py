@@ -38,7 +38,7 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}."
 
 
-def _require_tensorrt() -> Any:
+def require_tensorrt() -> Any:
     ok, why = tensorrt_status()
     if not ok:
         raise UserError(f"TensorRT is not usable here: {why.rstrip('.')}", _INSTALL_FIX)
@@ -72,12 +72,13 @@ def trtexec_command(
     TensorRT 10: `--int8 --fp16` rather than `--stronglyTyped`: INT8 comes from the Q/DQ nodes, FP16
     is the fallback for the float layers (a strongly typed build would keep those in FP32). TensorRT 11
     has no precision flags left (`strongly_typed`): the Q/DQ nodes set INT8 and the rest runs as typed.
+    Detailed profiling verbosity lets `ssql-deploy debug` read each layer's precision from the plan.
     """
     batches = _check_batches(min_batch, opt_batch, max_batch)
     c, h, w = chw
     shapes = [f"--{k}Shapes={input_name}:{n}x{c}x{h}x{w}" for k, n in zip(("min", "opt", "max"), batches, strict=True)]
     precision = ["--stronglyTyped"] if strongly_typed else ["--int8", "--fp16"] if int8 else ["--fp16"]
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", *precision, *shapes]
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", *precision, *shapes, "--profilingVerbosity=detailed"]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -98,7 +99,7 @@ def build_engine(
     """Parse the ONNX, build an INT8+FP16 engine (`int8=False`: FP16 only, the baseline an INT8 engine is
     compared with) with one profile over `batches` (min, opt, max), write the plain plan file and a
     `<plan>.json` sidecar; returns the sidecar's content."""
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     import torch
 
     min_b, opt_b, max_b = _check_batches(*batches)
@@ -128,6 +129,7 @@ def build_engine(
     for name in flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # each layer's precision, for `debug` (analyze/engine_layers.py)
     shapes = {k: [b, *chw] for k, b in (("min", min_b), ("opt", opt_b), ("max", max_b))}
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
@@ -163,7 +165,7 @@ class TensorRTRunner:
     """Run a plan on float32 NCHW numpy batches; device buffers are torch CUDA tensors (no pycuda)."""
 
     def __init__(self, plan_path: str | Path) -> None:
-        trt = _require_tensorrt()
+        trt = require_tensorrt()
         import torch
 
         path = Path(plan_path)
