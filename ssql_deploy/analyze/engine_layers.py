@@ -19,7 +19,7 @@ from typing import Any
 from ssql_deploy.errors import UserError
 
 # Data-type words in TensorRT's format strings ("Channel major INT8 format where channel % 16 == 0",
-# "Row major linear FP32", "Half", "BFloat16"), longest first so that UInt8 is not read as Int8.
+# "Row major linear FP32", "Half", "BFloat16"), matched as whole words: "UInt8" is not "Int8".
 _DTYPES = [("bfloat16", "bf16"), ("uint8", "uint8"), ("int8", "int8"), ("int32", "int32"), ("int64", "int64"), ("fp16", "fp16"),
            ("half", "fp16"), ("fp32", "fp32"), ("float", "fp32"), ("fp8", "fp8"), ("bool", "bool")]  # fmt: skip
 _REBUILD = "rebuild it with `ssql-deploy export --engine trt` (or trtexec --profilingVerbosity=detailed)"
