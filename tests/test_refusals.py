@@ -164,8 +164,10 @@ def test_a_loss_that_turns_nan_stops_the_run_at_that_step(tmp_path: Path, fmnist
 def test_ctrl_c_in_export_says_what_export_kept(deployed: Path, tmp_path: Path) -> None:
     """The interrupt message fits the stage: an export has no epochs to resume."""
     out = tmp_path / "export-out"
+    # SIGINT back to its default in the child: a suite started in the background (nohup, `&`) passes it on ignored
     proc = subprocess.Popen([sys.executable, "-m", "ssql_deploy", "export", str(deployed), "--bits", "4", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline and "libtorch" not in maps.read_text():  # inside the command by then
