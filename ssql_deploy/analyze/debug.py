@@ -29,7 +29,9 @@ from ssql_deploy.errors import UserError
 from ssql_deploy.evaluate import check_classes
 from ssql_deploy.export.ort_session import integer_conv_report
 from ssql_deploy.export.parity import check_parity
+from ssql_deploy.export.stage import ExportMetrics
 from ssql_deploy.export.tensorrt_engine import tensorrt_status
+from ssql_deploy.manifest import read_manifest
 from ssql_deploy.quant.artifact import load_quantized
 from ssql_deploy.run import atomic_open, write_text_atomic
 from ssql_deploy.run_layout import FP32_FILE, TWIN_FILE
@@ -58,12 +60,12 @@ def _engine(export_dir: Path) -> dict[str, Any] | None:
     if plan.is_file():
         usable, why = tensorrt_status()
         return inspect_engine(plan) if usable else {"plan": str(plan), "inspected": False, "why": f"{why} Run debug on a GPU machine."}
-    manifest = export_dir / "manifest.json"
-    build = json.loads(manifest.read_text()).get("metrics", {}).get("engine_build") if manifest.is_file() else None
-    if not build:
+    manifest = read_manifest(export_dir)
+    build = ExportMetrics.of(manifest).engine_build if manifest is not None else None
+    if build is None:
         return None
-    return {"plan": None, "inspected": False, "why": f"no plan was built at export ({build.get('reason') or 'not asked'}); "
-                                                    f"build it on a GPU machine with: {build['build_with']}"}  # fmt: skip
+    return {"plan": None, "inspected": False, "why": f"no plan was built at export ({build.reason or 'not asked'}); "
+                                                    f"build it on a GPU machine with: {build.build_with}"}  # fmt: skip
 
 
 def run_debug(path: Path, images: int, out: Path | None, data_root: Path | None = None) -> dict[str, Any]:
