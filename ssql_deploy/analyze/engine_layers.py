@@ -62,13 +62,11 @@ def summarize(layers: list[dict[str, Any]]) -> dict[str, Any]:
 
 def inspect_engine(plan: Path) -> dict[str, Any]:
     """Deserialize `plan` on this GPU and read its layers from TensorRT's engine inspector."""
-    from ssql_deploy.export.tensorrt_engine import require_tensorrt
+    from ssql_deploy.export.tensorrt_engine import load_engine
 
-    trt = require_tensorrt()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-    if engine is None:
-        raise UserError(f"{plan} is not an engine TensorRT {trt.__version__} can load on this GPU", "export it again on this machine")
+    _runtime, engine = load_engine(plan)  # refuses in one line where TensorRT is not usable
+    import tensorrt as trt
+
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     layers = parse_layers(info, plan)
     return {"plan": str(plan), "tensorrt_version": trt.__version__, "inspected": True, "summary": summarize(layers), "layers": layers}

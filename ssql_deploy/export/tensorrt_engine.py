@@ -161,6 +161,19 @@ def build_engine(
     return info
 
 
+def load_engine(plan: Path) -> tuple[Any, Any]:
+    """(runtime, engine) deserialized from `plan` on this GPU; the caller keeps the runtime as long as the engine."""
+    trt = require_tensorrt()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise UserError(
+            f"{plan} is not an engine TensorRT {trt.__version__} can load on this GPU",
+            "rebuild the plan on this machine: plans are tied to the TensorRT version and the GPU",
+        )
+    return runtime, engine
+
+
 class TensorRTRunner:
     """Run a plan on float32 NCHW numpy batches; device buffers are torch CUDA tensors (no pycuda)."""
 
@@ -171,14 +184,7 @@ class TensorRTRunner:
         path = Path(plan_path)
         if not path.is_file():
             raise UserError(f"TensorRT plan {path} does not exist", "build it first with build_engine")
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)  # kept alive: the engine must not outlive its runtime
-        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise UserError(
-                f"{path} is not an engine TensorRT {trt.__version__} can load on this GPU",
-                "rebuild the plan on this machine: plans are tied to the TensorRT version and the GPU",
-            )
+        self._runtime, self.engine = load_engine(path)  # the runtime kept alive: the engine must not outlive it
         self.context = self.engine.create_execution_context()
         self.detail = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
