@@ -10,17 +10,19 @@ ResNet-18, 32x32, trained from random init on all 60,000 Fashion-MNIST training 
 - analysis and planning cost in seconds.
 
 With `--pretrained`, the same for the SimSiam- and the SSQL-pretrained quarter-width ResNet-18 of
-benchmarks/ssql_vs_simsiam.py (each fully fine-tuned as benchmarks/lsq_evidence.py does), and then
-each model's plans applied to the other (`quantize --config`): the two pretrainings under one plan.
+benchmarks/ssql_vs_simsiam.py (each fully fine-tuned as benchmarks/lsq_evidence.py does), or with
+`--arch mobilenet_v2_050` the MobileNetV2s of `recon_evidence.py --pretrained`, and then each model's
+plans applied to the other (`quantize --config`): the two pretrainings under one plan.
 
     .venv/bin/python benchmarks/mixed_precision.py     # needs runs/families/<arch> (families_int8.py --train-only)
-    .venv/bin/python benchmarks/mixed_precision.py --pretrained     # needs runs/evidence/{simsiam,ssql}
+    .venv/bin/python benchmarks/mixed_precision.py --pretrained [--arch A]   # needs those pretrained backbones
     .venv/bin/python benchmarks/mixed_precision.py --pretrained --summarize   # only recompute the differences from the JSON
 
-Writes benchmarks/results/mixed_precision.{json,log} (mixed_pretraining.{json,log} with --pretrained).
-Nothing else may run on the machine meanwhile.
+Writes benchmarks/results/mixed_precision.{json,log} (mixed_pretraining.{json,log} with --pretrained,
+mixed_pretraining_<arch>.{json,log} with another --arch). Nothing else may run on the machine meanwhile.
 """
 
+import argparse
 import json
 import shutil
 import sys
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import finetuned_evidence, ort_top1, resummarize, run_logged  # noqa: E402
+from evidence import EVIDENCE_ARCH, finetuned_evidence, ort_top1, resummarize, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 RUNS = ROOT / "runs/mixed"
@@ -111,21 +113,27 @@ def differences(result: dict) -> dict:
 
 
 def main() -> None:
-    pretrained = "--pretrained" in sys.argv
-    name = "mixed_pretraining" if pretrained else "mixed_precision"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", action="store_true", help="SSQL against SimSiam backbones, not the families' models")
+    parser.add_argument("--arch", default=EVIDENCE_ARCH, help=f"the pretrained backbone (with --pretrained; default {EVIDENCE_ARCH})")
+    parser.add_argument("--summarize", action="store_true", help="only recompute the differences in the existing JSON")
+    args = parser.parse_args()
+    if args.arch != EVIDENCE_ARCH and not args.pretrained:
+        parser.error("--arch chooses a pretrained backbone: pass it with --pretrained")
+    name = "mixed_precision" if not args.pretrained else "mixed_pretraining" + ("" if args.arch == EVIDENCE_ARCH else f"_{args.arch}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if "--summarize" in sys.argv:
-        if not pretrained:
-            raise SystemExit("--summarize recomputes the SSQL-against-SimSiam differences: pass it with --pretrained")
+    if args.summarize:
+        if not args.pretrained:
+            parser.error("--summarize recomputes the SSQL-against-SimSiam differences: pass it with --pretrained")
         return resummarize(RESULTS / f"{name}.json", "ssql_minus_simsiam", differences)
     log = RESULTS / f"{name}.log"
-    if pretrained:
-        runs = {m: fine_tuned_copy(finetuned_evidence(m, log), f"resnet18_quarter-{m}") for m in PRETRAININGS}
+    if args.pretrained:
+        runs = {m: fine_tuned_copy(finetuned_evidence(m, log, args.arch), f"{args.arch}-{m}") for m in PRETRAININGS}
     else:
         runs = {arch: fine_tuned_copy(ROOT / "runs/families" / arch, arch) for arch in ARCHS}
     result: dict = {"benchmark": name, "measured_on": "exported ONNX in ONNX Runtime (CPU, 2 threads), all 10k test images",
                     "models": {key: measure(run, log) for key, run in runs.items()}}  # fmt: skip
-    if pretrained:
+    if args.pretrained:
         for key, run in runs.items():
             result["models"][key]["fp32_onnx_top1"] = ort_top1(run / "export/fp32/model.onnx")
         result["same_plan"] = same_plans(runs, result["models"], log)

@@ -79,8 +79,8 @@ def differences(result: dict) -> dict:
 
 
 def pretraining_differences(result: dict) -> dict:
-    """Per arch and bit pair, SSQL's top-1 minus SimSiam's for each method both were measured with (the advantage, and
-    whether it survives reconstruction), and each method's gain over its own best calibrator."""
+    """Per arch, SSQL's FP32 top-1 minus SimSiam's and, per bit pair, the same for each method both were measured with
+    (the advantage, and whether it survives reconstruction); and each method's gain over its own best calibrator."""
     out: dict = {"ssql_minus_simsiam": {}, "over_best_calibrator": {}}
     for key, model in result["models"].items():
         arch, method = key.rsplit("-", 1)
@@ -89,11 +89,10 @@ def pretraining_differences(result: dict) -> dict:
             best = row["calibrators"][row["best_calibrator"]]["top1"]
             out["over_best_calibrator"].setdefault(key, {})[bits] = {m: round(row[m]["top1"] - best, 2) for m in METHODS if m in row}
             if method == "ssql" and simsiam and bits in simsiam["bits"]:
+                fp32 = round(model["fp32_onnx_top1"] - simsiam["fp32_onnx_top1"], 2)
                 mine, theirs = _measured(row), _measured(simsiam["bits"][bits])
-                gaps = {m: round(mine[m]["top1"] - theirs[m]["top1"], 2) for m in mine if m in theirs}
-                out["ssql_minus_simsiam"].setdefault(arch, {})[bits] = gaps | {
-                    "fp32": round(model["fp32_onnx_top1"] - simsiam["fp32_onnx_top1"], 2)
-                }
+                gaps = out["ssql_minus_simsiam"].setdefault(arch, {"fp32": fp32})
+                gaps[bits] = {m: round(mine[m]["top1"] - theirs[m]["top1"], 2) for m in mine if m in theirs}
     return out
 
 

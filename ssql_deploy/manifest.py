@@ -25,6 +25,11 @@ class FileRecord(BaseModel):
     path: str
     sha256: str
 
+    def matches(self, path: Path | None = None) -> bool:
+        """Whether `path` (by default the recorded one) is still the file that was hashed."""
+        target = Path(self.path) if path is None else path
+        return target.is_file() and sha256_file(target) == self.sha256
+
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -44,7 +49,8 @@ class Manifest(BaseModel):
 
 
 def _records(paths: dict[str, Path]) -> dict[str, FileRecord]:
-    return {k: FileRecord(path=str(p), sha256=sha256_file(p)) for k, p in paths.items() if p.is_file()}
+    """Absolute paths: a later stage, run from another directory, must find the file a record names."""
+    return {k: FileRecord(path=str(p.resolve()), sha256=sha256_file(p)) for k, p in paths.items() if p.is_file()}
 
 
 def write_manifest(
@@ -87,6 +93,6 @@ def unverified_reason(path: Path) -> str | None:
     record = manifest.output_named(path.name)
     if record is None:
         return f"its {MANIFEST} does not list it"
-    if record.sha256 != sha256_file(path):
+    if not record.matches(path):
         return f"it changed after its {MANIFEST} was written (sha256 differs)"
     return None

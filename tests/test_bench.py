@@ -14,6 +14,7 @@ from ssql_deploy.bench.artifacts import from_file
 from ssql_deploy.bench.schema import Row, baseline_name
 from ssql_deploy.bench.timing import ROUND_WARMUP, interleaved, paired_speedup
 from ssql_deploy.export.ort_session import optimized_op_counts
+from ssql_deploy.manifest import read_manifest, write_manifest
 from ssql_deploy.quant.artifact import load_quantized
 from ssql_deploy.quant.calib_set import load_calibration
 
@@ -44,6 +45,17 @@ def test_only_files_their_manifest_commits_are_ok(deployed: Path, tmp_path: Path
     assert rows["onnx-fp32"]["status"] == "ok" and rows["torch-w4a4"]["status"] == "ok"
     gate = cli("gate", tmp_path / "b2/report.json", "--min-top1", "qdq-ort-w4a4=1")
     assert gate.returncode == 1 and "unverified" in gate.stdout
+
+
+def test_a_record_written_from_a_relative_path_is_found_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage/model.pt").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path / "stage")
+    written = write_manifest(Path("."), "quantize", {"model": Path("model.pt")}, {}, {})
+    monkeypatch.chdir(tmp_path)
+    assert written.inputs["model"].matches() and read_manifest(tmp_path / "stage") == written
+    (tmp_path / "stage/model.pt").write_bytes(b"retrained")
+    assert not written.inputs["model"].matches()
 
 
 def test_rounds_rotate_the_order_and_speedups_pair_rounds() -> None:

@@ -76,7 +76,7 @@ def test_lsq_trains_steps_and_exports_with_parity(tiny_run: Path, tmp_path: Path
         np.testing.assert_allclose(session.run(None, {"input": fmnist_batch.numpy()})[0], fine_tuned(fmnist_batch).numpy(), atol=1e-4)
 
 
-def test_steps_only_keeps_the_weights(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
+def test_steps_only_keeps_the_weights_and_their_baseline_needs_the_source(tiny_run: Path, tmp_path: Path, cli: CliRun) -> None:
     src = tmp_path / "src"
     shutil.copytree(tiny_run, src)
     result = cli("quantize", src, "--bits", "w4a4", "--lsq", "--epochs", "1", "--train-steps-only", "--subset", "128",

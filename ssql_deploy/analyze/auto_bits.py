@@ -17,7 +17,6 @@ from ssql_deploy.manifest import read_manifest
 from ssql_deploy.models.registry import model_spec
 from ssql_deploy.progress import console
 from ssql_deploy.quant.config import QuantConfig
-from ssql_deploy.run import sha256_file
 from ssql_deploy.run_layout import RunLayout
 
 
@@ -27,7 +26,7 @@ def load_sensitivity(run: Path, model_file: Path) -> dict[str, Any]:
     if manifest is None or not (directory / SENSITIVITY_FILE).is_file():
         raise UserError(f"--bits auto needs a sensitivity analysis in {directory}", f"run `ssql-deploy analyze {run}` first")
     record = manifest.inputs.get("model")
-    if record is None or record.sha256 != sha256_file(model_file):
+    if record is None or not record.matches(model_file):
         raise UserError(f"the sensitivity analysis in {directory} was made for another model than {model_file}",
                         f"re-run `ssql-deploy analyze {run}`")  # fmt: skip
     return json.loads((directory / SENSITIVITY_FILE).read_text())

@@ -38,7 +38,7 @@ from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.layouts import LAYOUTS
 from ssql_deploy.quant.placement import ActPoint, trace
 from ssql_deploy.recipe import ExportRecipe
-from ssql_deploy.run import atomic_open, sha256_file, write_text_atomic
+from ssql_deploy.run import atomic_open, write_text_atomic
 from ssql_deploy.run_layout import FP16_FILE, FP32_FILE, PARITY_FILE, TWIN_FILE, ExportKey, RunLayout
 from ssql_deploy.runtimes import ENGINES, QDQ_FILE, Engine
 
@@ -116,7 +116,7 @@ def float_baseline(loaded: LoadedQuantized, qpath: Path, run_dir: Path) -> torch
         return loaded.float_model
     manifest = read_manifest(qpath.parent)
     record = manifest.inputs.get("model") if manifest is not None else None
-    if record is not None and Path(record.path).is_file() and sha256_file(Path(record.path)) == record.sha256:
+    if record is not None and record.matches():
         meta = loaded.meta
         return load_trained(Path(record.path), meta.arch, meta.data, meta.input_size)[0]
     if (RunLayout(run_dir).fp32 / FP32_FILE).is_file():

@@ -54,6 +54,11 @@ class ReconSettings:
     warmup: float = 0.2  # share of the steps before the regulariser starts
     drop_prob: float = 0.5  # QDrop
 
+    def __post_init__(self) -> None:
+        # the recipe refuses a bad --iters in the user's words; this guards library callers
+        if self.iters < 1:
+            raise ValueError(f"iters must be at least 1, got {self.iters}")
+
     @property
     def rounding_lr(self) -> float:
         """The papers' 1e-3, or ALPHA_TRAVEL / iters when that is larger, up to MAX_ROUNDING_LR.
@@ -180,8 +185,6 @@ def reconstruct(gm: fx.GraphModule, images: list[torch.Tensor], settings: ReconS
     if len(data) < 2 * settings.batch_size:
         raise UserError(f"reconstruction needs at least {2 * settings.batch_size} images (two batches of {settings.batch_size}), "
                         f"got {len(data)}", "raise --recon-size")  # fmt: skip
-    if settings.iters < 1:
-        raise UserError(f"--iters must be at least 1, got {settings.iters}", f"pass --iters {RECON_ITERS} (the default) or more")
     generator = torch.Generator().manual_seed(settings.seed)
     trainable = {p: p.requires_grad for p in gm.parameters()}
     for p in trainable:
