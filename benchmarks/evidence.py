@@ -101,6 +101,14 @@ def stamp(log: Path, stage: str) -> None:
         f.write(f"# {stage}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
 
 
+def revision() -> str:
+    """The commit a benchmark measures (with "+changes" when the tree differs from it): a results file filled over several
+    runs says which code measured which rows."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout
+    return (head or "unknown") + ("+changes" if changed.strip() else "")
+
+
 def resummarize(output: Path, key: str, differences: Callable[[dict], dict]) -> None:
     """Recompute the differences `output` holds under `key` from the figures it holds, measuring nothing: for when the
     differences quoted change, or part of the benchmark was measured again."""

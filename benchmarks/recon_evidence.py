@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import finetuned_evidence, ort_top1, pretrained_evidence, resummarize, run_logged  # noqa: E402
+from evidence import finetuned_evidence, ort_top1, pretrained_evidence, resummarize, revision, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 RUNS = ROOT / "runs/families"
@@ -112,8 +112,11 @@ def measure(key: str, run: Path, bits_list: list[str], iters: int, result: dict,
         row: dict = {"calibrators": {c: quantized(log, run, OUT / f"{key}-{c}", bits, bits, "--calib", c) for c in CALIBRATORS}}
         row["best_calibrator"] = best = max(CALIBRATORS, key=lambda c: row["calibrators"][c]["top1"])
         model["bits"][bits] = row
-        if "fp32_onnx_top1" not in model:  # the same fine-tuned model at every bit pair: scored once
-            model["fp32_onnx_top1"] = ort_top1(OUT / f"{key}-minmax/export/fp32/model.onnx")
+        if bits == bits_list[0]:  # once a run: rows of two fine-tunes (CPU training is not bit-identical across sessions) must not mix
+            fp32 = ort_top1(OUT / f"{key}-minmax/export/fp32/model.onnx")
+            if model.setdefault("fp32_onnx_top1", fp32) != fp32:
+                raise SystemExit(f"{run} scores {fp32} in FP32, not the {model['fp32_onnx_top1']} its rows in {output.name} were "
+                                 f"measured on: it was fine-tuned again; delete {key} from {output.name} to measure it afresh")  # fmt: skip
         save()
         for method in METHODS:
             row[method] = quantized(log, run, OUT / f"{key}-{method}", bits, f"{bits}-{method}", "--calib", "mse", "--reconstruct", method,
@@ -141,7 +144,7 @@ def main() -> None:
         return resummarize(output, "differences", pretraining_differences if args.pretrained else differences)
     RESULTS.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
-        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv[1:])}\n")
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} at {revision()}: {' '.join(sys.argv[1:])}\n")
     result = json.loads(output.read_text()) if output.is_file() else {"benchmark": name, "models": {},
                                                                       "measured_on": "exported QDQ ONNX in ONNX Runtime (CPU), all 10k test images"}  # fmt: skip
     if args.pretrained:

@@ -29,6 +29,39 @@ def test_step_size_gradient_matches_the_lsq_paper() -> None:
     assert step.grad is not None and step.grad.item() == pytest.approx(g * sum(by_hand))
 
 
+def test_the_lsq_function_gives_the_gradients_of_its_definition_with_and_without_qdrop() -> None:
+    """Against the same maths composed from autograd ops (STE inside [qmin, qmax] inclusive, the paper's step gradient,
+    and QDrop's `torch.where` after it): forward and both gradients, on values at and beyond both ends of the grid."""
+    torch.manual_seed(0)
+    qmin, qmax, g = -4, 3, 0.1
+    x = torch.cat([torch.randn(500) * 2, torch.tensor([-2.0, 1.5, -2.0001, 1.5001, 0.0, -7.0, 7.0])]).requires_grad_()
+    dropped = (torch.rand(x.shape) < 0.5).float()
+    weights = torch.randn(x.shape)
+
+    def composed(step: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        u = x / step.detach()
+        inside = (u >= qmin) & (u <= qmax)  # LSQ's straight-through estimator, ends included
+        clamped = u.clamp(qmin, qmax)
+        ste = u * inside + (clamped.round() - u * inside).detach()
+        by_step = torch.where(inside, clamped.round() - clamped, clamped).detach()
+        out = ste * step.detach() + (step * g - (step * g).detach()) * by_step  # the value of ste * step, d/d step = g * by_step
+        return out if drop is None else torch.where(drop.bool(), x, out)
+
+    for drop in (None, dropped):
+        results = []
+        for fused in (True, False):
+            step = torch.tensor(0.5, requires_grad=True)
+            out = lsq_fake_quant(x, step, qmin, qmax, g, drop) if fused else composed(step, drop)
+            (out * weights).sum().backward()
+            assert x.grad is not None and step.grad is not None
+            results.append((out.detach(), x.grad.clone(), step.grad.clone()))
+            x.grad = None
+        for mine, reference in zip(*results, strict=True):
+            assert torch.allclose(mine, reference, atol=1e-5), (mine - reference).abs().max()
+        if drop is not None:
+            assert torch.equal(results[0][0][drop.bool()], x.detach()[drop.bool()])
+
+
 def test_quantizers_apply_lsq_gradient_scale() -> None:
     w = torch.randn(4, 3, 3, 3)
     wq = WeightQuantizer(4)

@@ -8,6 +8,7 @@ activations are per tensor, either unsigned with a zero-point (post-ReLU tensors
 or symmetric signed (TensorRT's int8).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,27 @@ from torch import nn
 from ssql_deploy.quant.calibrators import Calibrator
 
 _EPS = 1e-8
+
+
+def drop_mask(shape: torch.Size | tuple[int, ...], prob: float, generator: torch.Generator | None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """1 at a share `prob` of the positions (rounded to 1/256), at random, 0 elsewhere: QDrop's values left unquantized.
+
+    Each position gets one random byte, eight of them drawn as one 64-bit word: the CPU generator draws serially, one
+    draw per element for `torch.rand`. The mask is 0/1 in `dtype`, not boolean, because a `torch.where` or a product
+    with a boolean tensor runs some 20 times slower on CPU than the same float arithmetic (`torch.lerp` with it).
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    below = words.view(torch.uint8)[:n].to(dtype).neg_().add_(round(prob * 256))  # >= 1 below the threshold, <= 0 from it
+    return below.clamp_(0, 1).view(shape)
+
+
+@functools.cache
+def _open_bounds(qmin: int, qmax: int, dtype: torch.dtype) -> tuple[float, float]:
+    """The nearest values of `dtype` outside [qmin, qmax]: an open interval on them is the closed one on qmin and qmax."""
+    lo, hi = torch.tensor([qmin, qmax], dtype=dtype), torch.tensor([-math.inf, math.inf], dtype=dtype)
+    return float(torch.nextafter(lo[0], hi[0])), float(torch.nextafter(lo[1], hi[1]))
 
 
 @dataclass(frozen=True)
@@ -109,29 +131,43 @@ class _LsqFakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float) -> torch.Tensor:
-        ctx.save_for_backward(x, step)
+    def forward(ctx: Any, x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float,
+                dropped: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(x, step, dropped)
         ctx.bounds = (qmin, qmax, grad_factor)
-        return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+        out = torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+        return out if dropped is None else torch.lerp(out, x, dropped)  # exactly x where 1, out where 0
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, step = ctx.saved_tensors
+        # Float arithmetic only: a boolean mask in a product or a torch.where costs some 20 times as much on CPU.
+        x, step, dropped = ctx.saved_tensors
         qmin, qmax, factor = ctx.bounds
         u = torch.div(x, step)
-        inside = (u >= qmin) & (u <= qmax)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_step = None
+        grad_x = grad_step = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.hardtanh_backward(grad, u, *_open_bounds(qmin, qmax, u.dtype))  # grad on [qmin, qmax]
+            if dropped is not None:
+                grad_x = torch.lerp(grad_x, grad, dropped)
         if ctx.needs_input_grad[1]:
-            clamped = u.clamp_(qmin, qmax)
-            d_step = torch.where(inside, clamped.round() - clamped, clamped)
+            clamped = u.clamp(qmin, qmax)
+            outside = u.sub_(clamped).abs_().sign_()
+            # inside, round(u) - u; outside, clamped is qmin or qmax, an integer, so that term is 0 and clamped is added
+            d_step = torch.round(clamped).sub_(clamped).addcmul_(clamped, outside)
+            if dropped is not None:  # a value passed on unquantized does not depend on the step
+                d_step.addcmul_(d_step, dropped, value=-1.0)
             grad_step = (grad * d_step).sum_to_size(step.shape) * factor
-        return grad_x, grad_step, None, None, None
+        return grad_x, grad_step, None, None, None, None
 
 
-def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float) -> torch.Tensor:
-    """Learned step size quantization: `step` broadcasts to x (per tensor or per channel)."""
-    return _LsqFakeQuant.apply(x, step, qmin, qmax, grad_factor)
+def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float,
+                   dropped: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Learned step size quantization: `step` broadcasts to x (per tensor or per channel).
+
+    `dropped` (QDrop, 0/1 from `drop_mask`) marks the values passed on as they are: applied inside, the backward pass
+    needs no split of the gradient between the two branches.
+    """
+    return _LsqFakeQuant.apply(x, step, qmin, qmax, grad_factor, dropped)
 
 
 class WeightQuantizer(nn.Module):
@@ -310,17 +346,16 @@ class ActQuantizer(nn.Module):
         if self.step is not None:
             qmin, qmax = self.qrange
             factor = 1.0 / math.sqrt(x[0].numel() * qmax)
-            return self._dropped(x, lsq_fake_quant(x, self.step.abs().clamp_min(_EPS), qmin, qmax, factor))
+            return lsq_fake_quant(x, self.step.abs().clamp_min(_EPS), qmin, qmax, factor, self._drop_mask(x))
         p = self.qparams()
         # A post-ReLU range starts at 0 and a signed one is symmetric: their zero-point is 0, no need to apply it.
         zero = None if self.signed or self.nonnegative else p.zero_point.to(x.dtype)
-        return self._dropped(x, fake_quant(x, p.scale, zero, p.qmin, p.qmax))
+        q = fake_quant(x, p.scale, zero, p.qmin, p.qmax)
+        dropped = self._drop_mask(x)
+        return q if dropped is None else torch.lerp(q, x, dropped)
 
-    def _dropped(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob <= 0:
-            return q
-        keep = torch.rand(x.shape, generator=self.drop_generator, dtype=x.dtype) < self.drop_prob
-        return torch.where(keep, x, q)
+    def _drop_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        return drop_mask(x.shape, self.drop_prob, self.drop_generator, x.dtype) if self.drop_prob > 0 else None
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
