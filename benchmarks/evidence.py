@@ -102,10 +102,11 @@ def stamp(log: Path, stage: str) -> None:
 
 
 def revision() -> str:
-    """The commit a benchmark measures (with "+changes" when the tree differs from it): a results file filled over several
-    runs says which code measured which rows."""
+    """The commit a benchmark measures (with "+changes" when the code differs from it; results files aside): a results
+    file filled over several runs says which code measured which rows."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"], cwd=ROOT,
+                             capture_output=True, text=True).stdout  # fmt: skip
     return (head or "unknown") + ("+changes" if changed.strip() else "")
 
 
