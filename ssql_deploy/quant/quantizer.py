@@ -27,8 +27,8 @@ def drop_mask(shape: torch.Size | tuple[int, ...], prob: float, generator: torch
     """1 at a share `prob` of the positions (rounded to 1/256), at random, 0 elsewhere: QDrop's values left unquantized.
 
     Each position gets one random byte, eight of them drawn as one 64-bit word: the CPU generator draws serially, one
-    draw per element for `torch.rand`. The mask is 0/1 in `dtype`, not boolean, because a `torch.where` or a product
-    with a boolean tensor runs some 20 times slower on CPU than the same float arithmetic (`torch.lerp` with it).
+    draw per element for `torch.rand`. The mask is 0/1 in `dtype`, not boolean: on CPU a `torch.where` on a boolean
+    tensor, or a product with one, ran many times slower than the same float arithmetic (`torch.lerp` with the mask).
     """
     n = math.prod(shape)
     words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None, generator=generator)
@@ -140,7 +140,7 @@ class _LsqFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        # Float arithmetic only: a boolean mask in a product or a torch.where costs some 20 times as much on CPU.
+        # Float arithmetic only: on CPU a boolean mask in a product or a torch.where costs many times as much.
         x, step, dropped = ctx.saved_tensors
         qmin, qmax, factor = ctx.bounds
         u = torch.div(x, step)
