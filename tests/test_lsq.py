@@ -35,31 +35,32 @@ def test_the_lsq_function_gives_the_gradients_of_its_definition_with_and_without
     torch.manual_seed(0)
     qmin, qmax, g = -4, 3, 0.1
     x = torch.cat([torch.randn(500) * 2, torch.tensor([-2.0, 1.5, -2.0001, 1.5001, 0.0, -7.0, 7.0])]).requires_grad_()
-    dropped = (torch.rand(x.shape) < 0.5).float()
+    kept = (torch.rand(x.shape) < 0.5).float()
     weights = torch.randn(x.shape)
 
-    def composed(step: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    def composed(step: torch.Tensor, quantized: torch.Tensor | None) -> torch.Tensor:
         u = x / step.detach()
         inside = (u >= qmin) & (u <= qmax)  # LSQ's straight-through estimator, ends included
         clamped = u.clamp(qmin, qmax)
         ste = u * inside + (clamped.round() - u * inside).detach()
         by_step = torch.where(inside, clamped.round() - clamped, clamped).detach()
         out = ste * step.detach() + (step * g - (step * g).detach()) * by_step  # the value of ste * step, d/d step = g * by_step
-        return out if drop is None else torch.where(drop.bool(), x, out)
+        return out if quantized is None else torch.where(quantized.bool(), out, x)
 
-    for drop in (None, dropped):
+    for mask in (None, kept):
         results = []
         for fused in (True, False):
             step = torch.tensor(0.5, requires_grad=True)
-            out = lsq_fake_quant(x, step, qmin, qmax, g, drop) if fused else composed(step, drop)
+            out = lsq_fake_quant(x, step, qmin, qmax, g, mask) if fused else composed(step, mask)
             (out * weights).sum().backward()
             assert x.grad is not None and step.grad is not None
             results.append((out.detach(), x.grad.clone(), step.grad.clone()))
             x.grad = None
         for mine, reference in zip(*results, strict=True):
             assert torch.allclose(mine, reference, atol=1e-5), (mine - reference).abs().max()
-        if drop is not None:
-            assert torch.equal(results[0][0][drop.bool()], x.detach()[drop.bool()])
+        if mask is not None:  # passed on exactly as they are, with the gradient 1 and none to the step
+            passed = ~mask.bool()
+            assert torch.equal(results[0][0][passed], x.detach()[passed]) and torch.equal(results[0][1][passed], weights[passed])
 
 
 def test_quantizers_apply_lsq_gradient_scale() -> None:

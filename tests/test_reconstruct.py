@@ -15,7 +15,7 @@ from ssql_deploy.models import create_model, list_models, model_spec
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.config import QuantConfig
 from ssql_deploy.quant.placement import prepare, weight_quantizers
-from ssql_deploy.quant.quantizer import QuantConv2d, WeightQuantizer, drop_mask
+from ssql_deploy.quant.quantizer import QuantConv2d, WeightQuantizer, random_mask
 from ssql_deploy.quant.recon.bias_correction import correct_biases
 from ssql_deploy.quant.recon.reconstruct import ReconSettings, node_values, reconstruct
 from ssql_deploy.quant.recon.units import find_units, unit_module
@@ -112,17 +112,19 @@ def test_the_default_step_size_lets_the_rounding_leave_the_nearest_integers(fmni
     assert moved > 20 * max(moved_paper, 1) and kept > kept_paper, (moved, moved_paper, kept, kept_paper)
 
 
-@pytest.mark.parametrize("prob", [0.5, 0.25, 0.9])
+@pytest.mark.parametrize("prob", [0.5, 0.25, 0.125, 0.9])  # 1, 2, 4 and 8 random bits a position
 def test_the_qdrop_mask_keeps_its_share_at_random_and_repeats_under_a_seed(prob: float) -> None:
-    shape = (32, 24, 9, 7)  # an element count that is not a multiple of the 8 bytes a random word gives
-    masks = [drop_mask(shape, prob, torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
+    shape = (32, 24, 9, 7)  # an element count that is not a multiple of the positions a random word gives
+    masks = [random_mask(shape, prob, torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
     assert masks[0].shape == shape and masks[0].dtype == torch.float32
     assert set(masks[0].unique().tolist()) == {0.0, 1.0}
     assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
     assert abs(float(masks[0].mean()) - prob) < 0.01
     by_channel = masks[0].mean(dim=(0, 2, 3))  # no channel or position left out: every byte is random
     assert float(by_channel.min()) > prob - 0.06 and float(by_channel.max()) < prob + 0.06
-    assert float(drop_mask(shape, 0.0, None).sum()) == 0 and float(drop_mask(shape, 1.0, None).min()) == 1
+    flat = masks[0].flatten()  # neighbours, whose bits share a random byte, are independent
+    assert abs(float((flat[1:] == flat[:-1]).float().mean()) - (prob**2 + (1 - prob) ** 2)) < 0.01
+    assert float(random_mask(shape, 0.0, None).sum()) == 0 and float(random_mask(shape, 1.0, None).min()) == 1
 
 
 def test_same_seed_images_and_settings_give_bit_identical_integers(fmnist_batch: torch.Tensor) -> None:

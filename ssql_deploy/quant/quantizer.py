@@ -22,18 +22,32 @@ from ssql_deploy.quant.calibrators import Calibrator
 _EPS = 1e-8
 
 
-def drop_mask(shape: torch.Size | tuple[int, ...], prob: float, generator: torch.Generator | None,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
-    """1 at a share `prob` of the positions (rounded to 1/256), at random, 0 elsewhere: QDrop's values left unquantized.
+def random_mask(shape: torch.Size | tuple[int, ...], share: float, generator: torch.Generator | None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """1 at a `share` of the positions (rounded to 1/256), at random, 0 elsewhere: QDrop's values that stay quantized.
 
-    Each position gets one random byte, eight of them drawn as one 64-bit word: the CPU generator draws serially, one
-    draw per element for `torch.rand`. The mask is 0/1 in `dtype`, not boolean: on CPU a `torch.where` on a boolean
+    Each position gets as few random bits as `share` needs (1 at QDrop's 0.5, at most 8), 64 of them drawn as one word:
+    the CPU generator draws serially, and drawing was most of what dropping cost. Below 8 bits each random byte looks
+    up its positions' 0/1 bytes, packed in one integer, in a table; with a whole byte per position, comparing in float
+    arithmetic is faster than a lookup. The mask is 0/1 in `dtype`, not boolean: on CPU a `torch.where` on a boolean
     tensor, or a product with one, ran many times slower than the same float arithmetic (`torch.lerp` with the mask).
     """
     n = math.prod(shape)
-    words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    below = words.view(torch.uint8)[:n].to(dtype).neg_().add_(round(prob * 256))  # >= 1 below the threshold, <= 0 from it
-    return below.clamp_(0, 1).view(shape)
+    threshold = round(share * 256)
+    bits = next(b for b in (1, 2, 4, 8) if threshold % (256 >> b) == 0)
+    words = torch.empty(-(-n * bits // 64), dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    if bits == 8:  # >= 1 below the threshold, <= 0 from it
+        return words.view(torch.uint8)[:n].to(dtype).neg_().add_(threshold).clamp_(0, 1).view(shape)
+    packed = _mask_table(bits, threshold >> (8 - bits)).index_select(0, words.view(torch.uint8).int())
+    return packed.view(torch.uint8)[:n].to(dtype).view(shape)
+
+
+@functools.cache
+def _mask_table(bits: int, threshold: int) -> torch.Tensor:
+    """Entry v: one 0/1 byte per position whose random `bits` are packed in byte v, 1 where they are below `threshold`."""
+    fields = torch.arange(256).unsqueeze(1).bitwise_right_shift(torch.arange(0, 8, bits)).bitwise_and(2**bits - 1)
+    packed = {1: torch.int64, 2: torch.int32, 4: torch.int16}[bits]
+    return fields.lt(threshold).to(torch.uint8).view(packed).view(-1)
 
 
 @functools.cache
@@ -132,42 +146,40 @@ class _LsqFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float,
-                dropped: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        ctx.save_for_backward(x, step, dropped)
+                kept: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(x, step, kept)
         ctx.bounds = (qmin, qmax, grad_factor)
         out = torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
-        return out if dropped is None else torch.lerp(out, x, dropped)  # exactly x where 1, out where 0
+        return out if kept is None else torch.lerp(x, out, kept)  # exactly out where 1, x where 0
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # Float arithmetic only: on CPU a boolean mask in a product or a torch.where costs many times as much.
-        x, step, dropped = ctx.saved_tensors
+        x, step, kept = ctx.saved_tensors
         qmin, qmax, factor = ctx.bounds
         u = torch.div(x, step)
+        if kept is not None:  # a value passed on as it is: u = 0 lies inside the grid, where both gradients below are right
+            u.mul_(kept)  # for it, 1 for x and round(0) - 0 = 0 for the step, on which it does not depend
         grad_x = grad_step = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.hardtanh_backward(grad, u, *_open_bounds(qmin, qmax, u.dtype))  # grad on [qmin, qmax]
-            if dropped is not None:
-                grad_x = torch.lerp(grad_x, grad, dropped)
         if ctx.needs_input_grad[1]:
             clamped = u.clamp(qmin, qmax)
             outside = u.sub_(clamped).abs_().sign_()
             # inside, round(u) - u; outside, clamped is qmin or qmax, an integer, so that term is 0 and clamped is added
             d_step = torch.round(clamped).sub_(clamped).addcmul_(clamped, outside)
-            if dropped is not None:  # a value passed on unquantized does not depend on the step
-                d_step.addcmul_(d_step, dropped, value=-1.0)
             grad_step = (grad * d_step).sum_to_size(step.shape) * factor
         return grad_x, grad_step, None, None, None, None
 
 
 def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float,
-                   dropped: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                   kept: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Learned step size quantization: `step` broadcasts to x (per tensor or per channel).
 
-    `dropped` (QDrop, 0/1 from `drop_mask`) marks the values passed on as they are: applied inside, the backward pass
-    needs no split of the gradient between the two branches.
+    `kept` (QDrop, 0/1 from `random_mask`) marks the values that are quantized, the others being passed on as they are:
+    applied inside, the backward pass needs no split of the gradient between the two branches.
     """
-    return _LsqFakeQuant.apply(x, step, qmin, qmax, grad_factor, dropped)
+    return _LsqFakeQuant.apply(x, step, qmin, qmax, grad_factor, kept)
 
 
 class WeightQuantizer(nn.Module):
@@ -346,16 +358,16 @@ class ActQuantizer(nn.Module):
         if self.step is not None:
             qmin, qmax = self.qrange
             factor = 1.0 / math.sqrt(x[0].numel() * qmax)
-            return lsq_fake_quant(x, self.step.abs().clamp_min(_EPS), qmin, qmax, factor, self._drop_mask(x))
+            return lsq_fake_quant(x, self.step.abs().clamp_min(_EPS), qmin, qmax, factor, self._kept_mask(x))
         p = self.qparams()
         # A post-ReLU range starts at 0 and a signed one is symmetric: their zero-point is 0, no need to apply it.
         zero = None if self.signed or self.nonnegative else p.zero_point.to(x.dtype)
         q = fake_quant(x, p.scale, zero, p.qmin, p.qmax)
-        dropped = self._drop_mask(x)
-        return q if dropped is None else torch.lerp(q, x, dropped)
+        kept = self._kept_mask(x)
+        return q if kept is None else torch.lerp(x, q, kept)
 
-    def _drop_mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        return drop_mask(x.shape, self.drop_prob, self.drop_generator, x.dtype) if self.drop_prob > 0 else None
+    def _kept_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        return random_mask(x.shape, 1 - self.drop_prob, self.drop_generator, x.dtype) if self.drop_prob > 0 else None
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"

@@ -27,7 +27,7 @@ from torch import fx
 from ssql_deploy.errors import UserError
 from ssql_deploy.progress import progress_bar
 from ssql_deploy.quant.placement import act_quantizers, weight_quantizers
-from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, drop_mask
+from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, random_mask
 from ssql_deploy.quant.recon.units import Unit, find_units, unit_module, value_module
 from ssql_deploy.quant.rounding import AdaRound, start_rounding
 from ssql_deploy.recipe import RECON_ITERS
@@ -146,7 +146,7 @@ def _fit(gm: fx.GraphModule, unit: Unit, inputs: torch.Tensor, float_inputs: tor
         idx = torch.randint(len(inputs), (settings.batch_size,), generator=generator)
         x = inputs[idx]
         if float_inputs is not None:
-            x = torch.lerp(x, float_inputs[idx], drop_mask(x.shape, settings.drop_prob, generator, x.dtype))
+            x = torch.lerp(float_inputs[idx], x, random_mask(x.shape, 1 - settings.drop_prob, generator, x.dtype))
         loss = _error(sub(x), targets[idx])
         beta = settings.beta_at(step)
         if beta is not None:
