@@ -44,15 +44,17 @@ def evidence_run(method: str, arch: str = EVIDENCE_ARCH) -> Path:
 def pretrained_evidence(method: str, log: Path, arch: str = EVIDENCE_ARCH, recipe: str | None = None, extra: tuple[str, ...] = (),
                         epochs: int | None = None) -> float:  # fmt: skip
     """Pretrain `arch` with recipes/pretrain/fashion-mnist-<recipe>.yaml (`method` unless given) unless that is done
-    already, an interrupted run resuming; returns the pretraining's wall seconds. Every backbone gets the recipe's
-    budget (images, epochs, batch, heads), so two methods on one backbone are compared at the same cost."""
+    already, an interrupted run resuming; returns the pretraining's seconds, summed over its epochs (kNN checks
+    included, start-up not), so that a run resumed in another session counts each epoch once. Every backbone gets the
+    recipe's budget (images, epochs, batch, heads), so two methods on one backbone are compared at the same cost."""
     out = evidence_run(method, arch)
-    if (out / "pretrain/manifest.json").is_file():
-        return json.loads((out / "pretrain/manifest.json").read_text())["metrics"]["wall_seconds_this_session"]
-    recipe_file = f"recipes/pretrain/fashion-mnist-{recipe or method}.yaml"
-    args: list[str | Path] = ["pretrain", "--recipe", recipe_file, "--arch", arch, "--out", out]
-    args += [*extra, *(["--epochs", str(epochs)] if epochs else []), *(["--resume"] if (out / "pretrain/last.pt").is_file() else [])]
-    return run_logged(log, *args)
+    if not (out / "pretrain/manifest.json").is_file():
+        recipe_file = f"recipes/pretrain/fashion-mnist-{recipe or method}.yaml"
+        args: list[str | Path] = ["pretrain", "--recipe", recipe_file, "--arch", arch, "--out", out]
+        args += [*extra, *(["--epochs", str(epochs)] if epochs else []), *(["--resume"] if (out / "pretrain/last.pt").is_file() else [])]
+        run_logged(log, *args)
+    lines = (out / "pretrain/metrics.jsonl").read_text().splitlines()
+    return round(sum(json.loads(line)["epoch_seconds"] for line in lines if line.strip()), 1)
 
 
 def finetuned_evidence(method: str, log: Path, arch: str = EVIDENCE_ARCH) -> Path:
