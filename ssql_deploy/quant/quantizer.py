@@ -27,7 +27,7 @@ def random_mask(shape: torch.Size | tuple[int, ...], share: float, generator: to
     """1 at a `share` of the positions (rounded to 1/256), at random, 0 elsewhere: QDrop's values that stay quantized.
 
     Each position gets as few random bits as `share` needs (1 at QDrop's 0.5, at most 8), 64 of them drawn as one word:
-    the CPU generator draws serially, and drawing was most of what dropping cost. Below 8 bits each random byte looks
+    the CPU generator draws serially, and drawing was most of what a mask cost. Below 8 bits each random byte looks
     up its positions' 0/1 bytes, packed in one integer, in a table; with a whole byte per position, comparing in float
     arithmetic is faster than a lookup. The mask is 0/1 in `dtype`, not boolean: on CPU a `torch.where` on a boolean
     tensor, or a product with one, ran many times slower than the same float arithmetic (`torch.lerp` with the mask).
@@ -158,8 +158,8 @@ class _LsqFakeQuant(torch.autograd.Function):
         x, step, kept = ctx.saved_tensors
         qmin, qmax, factor = ctx.bounds
         u = torch.div(x, step)
-        if kept is not None:  # a value passed on as it is: u = 0 lies inside the grid, where both gradients below are right
-            u.mul_(kept)  # for it, 1 for x and round(0) - 0 = 0 for the step, on which it does not depend
+        if kept is not None:  # a dropped value (kept 0) gets u = 0, inside the grid: gradient 1 to x, and
+            u.mul_(kept)  # round(0) - 0 = 0 to the step, on which a value passed on as it is does not depend
         grad_x = grad_step = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.hardtanh_backward(grad, u, *_open_bounds(qmin, qmax, u.dtype))  # grad on [qmin, qmax]
