@@ -24,8 +24,9 @@ fine-tuned model, and whether it survives reconstruction.
 
 Writes benchmarks/results/recon_evidence.{json,log} (recon_pretraining.{json,log} with --pretrained). Each method's
 result is written as soon as it is measured, into what the JSON holds already, so the benchmark can be run a model or
-a bit pair at a time and a run stopped part-way keeps what it measured. Each model records the --iters its
-reconstructions ran (all its bit pairs share it), and each reconstruction the learning rate its manifest reports.
+a bit pair at a time and a run stopped part-way keeps what it measured; a bit pair measured in full is kept, not
+measured again. Each model records the --iters its reconstructions ran (all its bit pairs share it), and each
+reconstruction the learning rate its manifest reports.
 """
 
 import argparse
@@ -108,15 +109,20 @@ def measure(key: str, run: Path, bits_list: list[str], iters: int, result: dict,
         result["differences"] = summarize(result)
         output.write_text(json.dumps(result, indent=2) + "\n")
 
+    checked = False
     for bits in bits_list:
+        if set(METHODS + (["lsq"] if lsq else [])) <= set(model["bits"].get(bits, {})):
+            print(f"{key} {bits}: measured already, kept (delete it from {output.name} to measure it again)")
+            continue
         row: dict = {"calibrators": {c: quantized(log, run, OUT / f"{key}-{c}", bits, bits, "--calib", c) for c in CALIBRATORS}}
         row["best_calibrator"] = best = max(CALIBRATORS, key=lambda c: row["calibrators"][c]["top1"])
         model["bits"][bits] = row
-        if bits == bits_list[0]:  # once a run: rows of two fine-tunes (CPU training is not bit-identical across sessions) must not mix
+        if not checked:  # once a run: rows of two fine-tunes (CPU training is not bit-identical across sessions) must not mix
             fp32 = ort_top1(OUT / f"{key}-minmax/export/fp32/model.onnx")
             if model.setdefault("fp32_onnx_top1", fp32) != fp32:
                 raise SystemExit(f"{run} scores {fp32} in FP32, not the {model['fp32_onnx_top1']} its rows in {output.name} were "
                                  f"measured on: it was fine-tuned again; delete {key} from {output.name} to measure it afresh")  # fmt: skip
+            checked = True
         save()
         for method in METHODS:
             row[method] = quantized(log, run, OUT / f"{key}-{method}", bits, f"{bits}-{method}", "--calib", "mse", "--reconstruct", method,
