@@ -11,11 +11,12 @@ ResNet-18, 32x32, trained from random init on all 60,000 Fashion-MNIST training 
 
 With `--pretrained`, the same for the SimSiam- and the SSQL-pretrained quarter-width ResNet-18 of
 benchmarks/ssql_vs_simsiam.py (each fully fine-tuned as benchmarks/lsq_evidence.py does), or with
-`--arch mobilenet_v2_050` the MobileNetV2s of `recon_evidence.py --pretrained`, and then each model's
+`--arch mobilenet_v2_050` the MobileNetV2s of `recon_evidence.py --pretrained` (pretrained here, at
+the same recipes, where runs/ lacks them; an interrupted pretraining resumes), and then each model's
 plans applied to the other (`quantize --config`): the two pretrainings under one plan.
 
     .venv/bin/python benchmarks/mixed_precision.py     # needs runs/families/<arch> (families_int8.py --train-only)
-    .venv/bin/python benchmarks/mixed_precision.py --pretrained [--arch A]   # needs those pretrained backbones
+    .venv/bin/python benchmarks/mixed_precision.py --pretrained [--arch A]   # the ResNet needs those pretrained backbones
     .venv/bin/python benchmarks/mixed_precision.py --pretrained --summarize   # only recompute the differences from the JSON
 
 Writes benchmarks/results/mixed_precision.{json,log} (mixed_pretraining.{json,log} with --pretrained,
@@ -31,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import EVIDENCE_ARCH, finetuned_evidence, ort_top1, resummarize, run_logged  # noqa: E402
+from evidence import EVIDENCE_ARCH, finetuned_evidence, ort_top1, pretrained_evidence, resummarize, run_logged  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 RUNS = ROOT / "runs/mixed"
@@ -127,7 +128,10 @@ def main() -> None:
             parser.error("--summarize recomputes the SSQL-against-SimSiam differences: pass it with --pretrained")
         return resummarize(RESULTS / f"{name}.json", "ssql_minus_simsiam", differences)
     log = RESULTS / f"{name}.log"
+    pretrain_seconds: dict[str, float] = {}
     if args.pretrained:
+        if args.arch != EVIDENCE_ARCH:  # pretrained here as recon_evidence.py --pretrained does, resuming across sessions
+            pretrain_seconds = {m: pretrained_evidence(m, log, args.arch) for m in PRETRAININGS}
         runs = {m: fine_tuned_copy(finetuned_evidence(m, log, args.arch), f"{args.arch}-{m}") for m in PRETRAININGS}
     else:
         runs = {arch: fine_tuned_copy(ROOT / "runs/families" / arch, arch) for arch in ARCHS}
@@ -136,6 +140,8 @@ def main() -> None:
     if args.pretrained:
         for key, run in runs.items():
             result["models"][key]["fp32_onnx_top1"] = ort_top1(run / "export/fp32/model.onnx")
+            if key in pretrain_seconds:
+                result["models"][key]["pretrain_seconds"] = pretrain_seconds[key]
         result["same_plan"] = same_plans(runs, result["models"], log)
         result["ssql_minus_simsiam"] = differences(result)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
