@@ -14,8 +14,8 @@ from onnx import numpy_helper
 from ssql_deploy.models import create_model, list_models, model_spec
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.config import QuantConfig
-from ssql_deploy.quant.placement import prepare, weight_quantizers
-from ssql_deploy.quant.quantizer import QuantConv2d, WeightQuantizer, random_mask
+from ssql_deploy.quant.placement import RUNTIME_BITS, RUNTIME_KINDS, ActPoint, act_quantizers, prepare, weight_quantizers
+from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, WeightQuantizer, random_mask
 from ssql_deploy.quant.recon.bias_correction import correct_biases
 from ssql_deploy.quant.recon.reconstruct import ReconSettings, node_values, reconstruct
 from ssql_deploy.quant.recon.units import find_units, unit_module
@@ -208,10 +208,16 @@ def test_cli_reconstructs_exports_the_learned_integers_and_refuses_bad_input(tin
     assert wrong.returncode == 2 and "gptq" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+def _grid(q: ActQuantizer) -> tuple[float, int, int, int]:
+    p = q.qparams()
+    return float(p.scale), int(p.zero_point), p.qmin, p.qmax
+
+
 @pytest.mark.parametrize("name", sorted(s.name for s in list_models() if s.name.startswith("test_")))
 def test_every_family_reconstructs_and_exports_its_integers_in_every_layout(name: str, tmp_path: Path, fmnist_batch: torch.Tensor) -> None:
     """Reconstructed and bias-corrected in the SSQL layout, saved, reloaded in the ort and trt layouts (BatchNorm folded or
-    not), exported: ONNX Runtime computes what the PyTorch model of that layout computes."""
+    not), exported: ONNX Runtime computes what the PyTorch model of that layout computes. Every saved point keeps its
+    width and range in every layout (a point after a folded BatchNorm too); only the runtime's 8-bit additions are new."""
     from ssql_deploy.data import DataSource
     from ssql_deploy.export.onnx_graph import build_onnx
     from ssql_deploy.export.parity import check_parity
@@ -223,8 +229,17 @@ def test_every_family_reconstructs_and_exports_its_integers_in_every_layout(name
     correct_biases(gm, [fmnist_batch])
     meta = ModelMeta.for_data(name, "cifar", 10, DataSource.of("fashion-mnist", None, 32))
     save_quantized(tmp_path / "q.pt", gm, meta, "w3a4-brecq-bc", False, {"calibration": {}})
+    saved = act_quantizers(gm)
     for layout in ("ssql", "ort", "trt"):
         loaded = load_quantized(tmp_path / "q.pt", layout=layout)  # type: ignore[arg-type]
+        points: dict[str, ActPoint] = loaded.gm.quant_points  # type: ignore[assignment]
+        assert set(saved) <= set(points), (layout, sorted(set(saved) - set(points)))
+        assert all(points[p].kind in RUNTIME_KINDS and points[p].bits == RUNTIME_BITS for p in loaded.uncalibrated), layout
+        restored = act_quantizers(loaded.gm)
+        for point, q in saved.items():  # the same grid, unless TensorRT re-expresses an 8-bit unsigned one as int8
+            assert restored[point].bits == q.bits, (layout, point)
+            if restored[point].signed == q.signed:
+                assert _grid(restored[point]) == _grid(q), (layout, point)
         calibrate(loaded.gm, [fmnist_batch], "mse", points=sorted(loaded.uncalibrated))
         with torch.no_grad():
             if layout == "ssql":

@@ -36,7 +36,7 @@ from ssql_deploy.quant.artifact import LoadedQuantized, find_quantized, load_qua
 from ssql_deploy.quant.calib_set import load_calibration
 from ssql_deploy.quant.calibrate import calibrate
 from ssql_deploy.quant.layouts import LAYOUTS
-from ssql_deploy.quant.placement import ActPoint, trace
+from ssql_deploy.quant.placement import RUNTIME_KINDS, ActPoint, trace
 from ssql_deploy.recipe import ExportRecipe
 from ssql_deploy.run import atomic_open, write_text_atomic
 from ssql_deploy.run_layout import FP16_FILE, FP32_FILE, PARITY_FILE, TWIN_FILE, ExportKey, RunLayout
@@ -134,7 +134,7 @@ def _numerics_notes(gm: torch.fx.GraphModule) -> list[str]:
     if resigned:
         notes.append(f"{resigned} non-negative 8-bit activations re-expressed as signed int8 (127 levels, not 255): "
                      "this layout has no uint8; accuracy measured on this artifact is of these deployed numerics")  # fmt: skip
-    extra = sum(1 for p in points.values() if p.kind in ("input", "branch", "skip", "preactivation"))
+    extra = sum(1 for p in points.values() if p.kind in RUNTIME_KINDS)
     if extra:
         notes.append(f"{extra} 8-bit quantizers added for the runtime (network input, residual Add inputs, conv outputs "
                      "before activations it cannot fuse) beyond the SSQL placement")  # fmt: skip

@@ -6,8 +6,16 @@ artifact computes. Per-channel symmetric weight quantization commutes with foldi
 channel is scaled by |gain|; its integers keep their magnitude), so the weights stay the same.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx, nn
+
+
+@dataclass(frozen=True)
+class Folded:
+    gains: dict[str, torch.Tensor]  # each folded conv's per-channel gain, by module path
+    producers: dict[str, fx.Node]  # each removed BatchNorm node's name -> the conv node now computing its value
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,9 +25,10 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return gain.float(), (bn.bias.detach() - bn.running_mean * gain).float()
 
 
-def fold_batchnorm(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Fold every Conv2d -> BatchNorm2d pair of `gm` in place; return each folded conv's gain."""
+def fold_batchnorm(gm: fx.GraphModule) -> Folded:
+    """Fold every Conv2d -> BatchNorm2d pair of `gm` in place."""
     gains: dict[str, torch.Tensor] = {}
+    producers: dict[str, fx.Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), nn.BatchNorm2d):
             continue
@@ -41,7 +50,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         gains[str(src.target)] = gain
+        producers[node.name] = src
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gains
+    return Folded(gains, producers)

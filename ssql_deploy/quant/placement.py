@@ -23,12 +23,13 @@ from ssql_deploy.errors import UserError
 from ssql_deploy.models.registry import ModelSpec
 from ssql_deploy.quant.bits import BitSpec
 from ssql_deploy.quant.config import QuantConfig, Resolved, resolve
-from ssql_deploy.quant.fold import fold_batchnorm
+from ssql_deploy.quant.fold import Folded, fold_batchnorm
 from ssql_deploy.quant.gates import GATED, SATURATING, GatedActivation, saturation_bound
 from ssql_deploy.quant.layouts import LAYOUTS, Layout
 from ssql_deploy.quant.quantizer import ActQuantizer, QuantConv2d, WeightQuantizer
 
 PointKind = Literal["activation", "conv_input", "input", "branch", "skip", "preactivation"]
+RUNTIME_KINDS: tuple[PointKind, ...] = ("input", "branch", "skip", "preactivation")  # what a layout adds to the SSQL placement
 RUNTIME_BITS = 8  # quantizers a runtime needs beyond the SSQL placement are 8-bit
 
 
@@ -197,7 +198,13 @@ def prepare(model: nn.Module, layout: Layout, config: QuantConfig | BitSpec, spe
     stem, head = (spec.stem, spec.head) if spec is not None else _generic_spec(gm)
     names = [name for name, _ in model.named_modules() if name] + [n.name for n in gm.graph.nodes if n.op == "call_function"]
     widths = resolve(config, stem, names)
-    gm.fold_gains = fold_batchnorm(gm) if LAYOUTS[layout].fold_bn else {}  # type: ignore[assignment]
+    # Planned before folding: a point after a conv's BatchNorm is then named, and its width configured, after that
+    # BatchNorm in every layout, so a layout that folds finds the ranges, learned steps and per-layer widths saved
+    # under that name by the unfolded `ssql` model. Planned after, such a point took the conv's name, its saved
+    # range and learned step went unused, and ONNX Runtime ran a 3-bit MobileNetV2 on ranges calibrated afresh.
+    points = plan_points(gm, layout, widths, head)
+    folded = fold_batchnorm(gm) if LAYOUTS[layout].fold_bn else Folded({}, {})
+    gm.fold_gains = folded.gains  # type: ignore[assignment]
     weights: dict[str, int | None] = {}
     for node in gm.graph.nodes:
         module = _module(gm, node)
@@ -206,8 +213,7 @@ def prepare(model: nn.Module, layout: Layout, config: QuantConfig | BitSpec, spe
             weights[path] = bits = None if _in_head(path, head) else widths.weight_bits(path)
             if bits is not None:
                 _set_submodule(gm, path, QuantConv2d.from_float(module, bits))
-    by_name = {n.name: n for n in gm.graph.nodes}
-    points = plan_points(gm, layout, widths, head)
+    by_name = {n.name: n for n in gm.graph.nodes} | folded.producers
     for point in points:
         node = by_name[point.node]
         name = quantizer_name(point.node)
