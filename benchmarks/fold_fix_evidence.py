@@ -7,7 +7,7 @@ export calibrated it afresh. For each quantized model `recon_evidence.py` left i
 exports it for ONNX Runtime with the code of a revision before the fix (in a git worktree) and with this
 checkout, and scores both artifacts on all 10,000 test images, beside the PyTorch simulation's top-1.
 
-    .venv/bin/python benchmarks/fold_fix_evidence.py --key mobilenet_v2_050 --before 529cc4e --bits w3a3
+    .venv/bin/python benchmarks/fold_fix_evidence.py --key mobilenet_v2_050 --before 6538bc9 --bits w3a3 w4a4 w8a8
 
 Writes benchmarks/results/fold_fix_evidence.{json,log}.
 """
