@@ -79,7 +79,7 @@ def activations(tiny_run: Path, fmnist_root: Path) -> dict[str, torch.Tensor]:
 def test_straight_through_window_is_the_rounding_rule(activations: dict[str, torch.Tensor]) -> None:
     """The backward's window test equals "round(x / s) + zp lands in [qmin, qmax]", per tensor and per channel,
     and the fused ReLU equals a ReLU followed by the quantizer, in value and gradient."""
-    branch = activations["layer2_0_conv2"]  # a real pre-ReLU tensor: both signs, long tails
+    branch = activations["layer2_0_bn2"]  # a real pre-ReLU tensor: both signs, long tails
     grad_out = torch.randn_like(branch)
     scale, zero = branch.abs().max() / 40, torch.tensor(9.0)
     for zp, (qmin, qmax) in ((None, (-8, 7)), (zero, (0, 15)), (None, (0, 255))):
@@ -108,7 +108,7 @@ def test_straight_through_window_is_the_rounding_rule(activations: dict[str, tor
 
 @pytest.mark.parametrize("name", CALIBRATORS)
 def test_calibrators_on_real_activations(name: str, activations: dict[str, torch.Tensor]) -> None:
-    relu, branch = activations["layer2_0_relu"], activations["layer2_0_conv2"]  # BN is folded in the ort layout
+    relu, branch = activations["layer2_0_relu"], activations["layer2_0_bn2"]  # bn2 folded into conv2; the point keeps its name
     for x, signed in ((relu, False), (branch, False), (branch, True)):
         cal = make_calibrator(name)
         for part in x.split(16):
