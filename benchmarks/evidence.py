@@ -71,18 +71,19 @@ def finetuned_evidence(method: str, log: Path, arch: str = EVIDENCE_ARCH) -> Pat
     return run
 
 
-def run_logged(log: Path, *args: str | Path) -> float:
-    """`ssql-deploy ARGS` in the repository root, its output appended to `log`; returns its wall time in seconds."""
+def run_logged(log: Path, *args: str | Path, cwd: Path = ROOT) -> float:
+    """`ssql-deploy ARGS` run in `cwd`, by default the repository root (run in another checkout, it imports that
+    checkout's package), its output appended to `log`; returns its wall time in seconds."""
     cmd = [sys.executable, "-m", "ssql_deploy", *map(str, args)]
     start = time.time()
     with log.open("a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
+        f.write("$ " + ("" if cwd == ROOT else f"(in {cwd}) ") + " ".join(cmd) + "\n")
         f.flush()
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=cwd)
     return round(time.time() - start, 1)
 
 
-def export_ort(log: Path, source: Path, bits: str, kernel: str, out: Path | None = None) -> tuple[Path, dict]:
+def export_ort(log: Path, source: Path, bits: str, kernel: str, out: Path | None = None, cwd: Path = ROOT) -> tuple[Path, dict]:
     """`ssql-deploy export` for ONNX Runtime unless an earlier run got this far; the QDQ ONNX and its manifest's metrics.
 
     An export whose parity check fails (exit 1) keeps its artifact and records the failure in the manifest: the
@@ -91,7 +92,9 @@ def export_ort(log: Path, source: Path, bits: str, kernel: str, out: Path | None
     directory = (out or source) / f"export/{bits}-ort"
     if not (directory / "manifest.json").is_file():
         try:
-            run_logged(log, "export", source, "--bits", bits, "--engine", "ort", "--ort-kernel", kernel, *(["--out", out] if out else []))
+            run_logged(
+                log, "export", source, "--bits", bits, "--engine", "ort", "--ort-kernel", kernel, *(["--out", out] if out else []), cwd=cwd
+            )
         except subprocess.CalledProcessError:
             pass  # exit 1: a failed check, written down in the manifest read below
     return directory / "model.qdq.onnx", json.loads((directory / "manifest.json").read_text())["metrics"]

@@ -22,21 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evidence import ort_top1, revision, stamp  # noqa: E402
+from evidence import export_ort, ort_top1, revision, stamp  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 RECON = ROOT / "runs/recon"
-
-
-def export(log: Path, checkout: Path, run: Path, label: str, out: Path) -> float:
-    """`ssql-deploy export` run from `checkout` (its package is imported first), the artifact's top-1."""
-    cmd = [sys.executable, "-m", "ssql_deploy", "export", str(run), "--bits", label, "--engine", "ort", "--ort-kernel", "symmetric",
-           "--out", str(out)]  # fmt: skip
-    with log.open("a") as f:
-        f.write(f"$ (in {checkout}) {' '.join(cmd)}\n")
-        f.flush()
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=checkout)
-    return ort_top1(out / f"export/{label}-ort/model.qdq.onnx")
 
 
 def main() -> None:
@@ -58,9 +47,10 @@ def main() -> None:
                     if not any(label == b or label.startswith(f"{b}-") for b in args.bits):
                         continue
                     simulated = json.loads((quant / "manifest.json").read_text())["metrics"]["simulated_top1"]
-                    row = {"model": run.name, "variant": label, "simulated_top1_1000": simulated,
-                           "before": export(log, before, run, label, Path(tmp) / "out-before" / run.name),
-                           "after": export(log, ROOT, run, label, Path(tmp) / "out-after" / run.name)}  # fmt: skip
+                    row = {"model": run.name, "variant": label, "simulated_top1_1000": simulated}
+                    for when, checkout in (("before", before), ("after", ROOT)):
+                        onnx, _ = export_ort(log, run, label, "symmetric", Path(tmp) / f"out-{when}" / run.name, cwd=checkout)
+                        row[when] = ort_top1(onnx)
                     row["after_minus_before"] = round(row["after"] - row["before"], 2)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
