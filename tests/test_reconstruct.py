@@ -208,6 +208,28 @@ def test_cli_reconstructs_exports_the_learned_integers_and_refuses_bad_input(tin
     assert wrong.returncode == 2 and "gptq" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+def test_a_model_missing_a_saved_point_is_refused_not_calibrated_afresh(tmp_path: Path, fmnist_batch: torch.Tensor) -> None:
+    """A point the quantized model should hold but does not (a file from a version that named it otherwise) would be
+    calibrated afresh at export, throwing away its range or learned step: loading it in any layout refuses instead."""
+    from ssql_deploy.data import DataSource
+    from ssql_deploy.errors import UserError
+    from ssql_deploy.models.checkpoint import load_checkpoint
+    from ssql_deploy.models.trained import ModelMeta
+    from ssql_deploy.quant.artifact import from_payload, save_quantized
+    from ssql_deploy.quant.placement import quantizer_name
+
+    gm = _calibrated("test_mobilenet_v2", fmnist_batch)
+    meta = ModelMeta.for_data("test_mobilenet_v2", "cifar", 10, DataSource.of("fashion-mnist", None, 32))
+    save_quantized(tmp_path / "q.pt", gm, meta, "w3a4", False, {"calibration": {}})
+    obj = load_checkpoint(tmp_path / "q.pt")
+    bottleneck = next(p for p, point in gm.quant_points.items() if point.kind == "conv_input")  # type: ignore[attr-defined]
+    del obj["points"][bottleneck]
+    obj["model"] = {k: v for k, v in obj["model"].items() if not k.startswith(quantizer_name(bottleneck) + ".")}
+    for layout in ("ort", "trt"):
+        with pytest.raises(UserError, match=bottleneck):
+            from_payload(obj, layout)  # type: ignore[arg-type]
+
+
 def _grid(q: ActQuantizer) -> tuple[float, int, int, int]:
     p = q.qparams()
     return float(p.scale), int(p.zero_point), p.qmin, p.qmax

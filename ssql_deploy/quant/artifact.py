@@ -18,7 +18,7 @@ from ssql_deploy.models.checkpoint import load_checkpoint, save_atomic
 from ssql_deploy.models.registry import model_spec
 from ssql_deploy.models.trained import ModelMeta, build_model, model_payload
 from ssql_deploy.quant.config import QuantConfig
-from ssql_deploy.quant.placement import Layout, act_quantizers, layer_table, prepare, quantizer_name, weight_quantizers
+from ssql_deploy.quant.placement import RUNTIME_KINDS, Layout, act_quantizers, layer_table, prepare, quantizer_name, weight_quantizers
 from ssql_deploy.run_layout import RunLayout, variant
 
 
@@ -100,6 +100,13 @@ def from_payload(obj: dict[str, Any], layout: Layout | None = None, where: str =
         if _widths(layer_table(gm)) != _widths(obj["table"]):
             raise UserError(f"{where} resolves to other per-layer widths with this version of ssql-deploy", "quantize the model again")
     missing = restore_quant_state(gm, obj["model"], obj["points"])
+    # Only what the layout adds for its runtime may be calibrated afresh: any other point's saved range or learned
+    # step would be silently replaced, and the artifact would no longer be the model that was quantized.
+    lost = sorted(p for p in missing if gm.quant_points[p].kind not in RUNTIME_KINDS)  # type: ignore[index]
+    if lost:
+        raise UserError(f"{where} holds no quantizer state for {len(lost)} activation point(s) of the {gm.quant_layout} layout "
+                        f"(first: {lost[0]}); exporting it would replace what was calibrated or learned there",
+                        "quantize the model again with this version of ssql-deploy")  # fmt: skip
     return LoadedQuantized(gm, model.eval(), meta, obj, missing)
 
 
